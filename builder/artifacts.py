@@ -1,0 +1,55 @@
+"""Output folders that appear complete or not at all: built under a temporary name, then swapped in."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from . import ROOT
+
+
+def artifacts_root() -> Path:
+    return Path(os.environ.get("STRATA_ARTIFACTS", ROOT / "artifacts"))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_sha256sums(folder: Path, names: list[str]) -> None:
+    lines = [f"{sha256_file(folder / n)}  {n}\n" for n in sorted(names)]
+    (folder / "SHA256SUMS").write_text("".join(lines))
+
+
+@contextmanager
+def staged_output(final: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `final`; on success it replaces `final`, on failure it is removed.
+
+    A build killed at any moment leaves only `.NAME.tmp-PID` folders (swept by the next build),
+    never a partial file under the final names.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{final.name}.*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    staging.mkdir()
+    try:
+        yield staging
+        for f in staging.iterdir():
+            with f.open("rb") as fh:
+                os.fsync(fh.fileno())
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        if final.exists():
+            final.rename(old)
+        staging.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,108 @@
+"""Applying layers to a root filesystem through one bundle that runs the same in a chroot or a VM.
+
+A bundle is a folder: `run` (templates/bake/run), `env`, `images/` and `layers/NN-name/` each with
+`files/` (the layer's files plus its rendered templates), `install.d/` and `finalise.d/`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from . import ROOT, TEMPLATES_DIR
+from .chroot import chroot_run, mounted
+from .definition import Definition, Layer
+from .images import PreparedImage
+from .log import info
+
+BAKE_DIR = "var/lib/strata/bake"
+PHASES = ("install.d", "finalise.d")
+
+
+def env_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, list):
+        return " ".join(env_value(v) for v in value if not isinstance(v, dict | list))
+    return "" if value is None else str(value)
+
+
+def bake_env(defn: Definition) -> dict[str, str]:
+    """Settings as STRATA_OS_<KEY> and STRATA_<LAYER>_<KEY>; structured ones via definition.json."""
+    env = {f"STRATA_OS_{k.upper()}": env_value(v) for k, v in defn.data["os"].items()}
+    for layer in defn.enabled_layers():
+        for key, value in defn.layer_settings(layer.name).items():
+            if not isinstance(value, dict):
+                env[f"STRATA_{layer.name.upper()}_{key.upper()}"] = env_value(value)
+    env["STRATA_NAME"] = defn.data["name"]
+    return env
+
+
+def render(template: str, context: dict[str, Any]) -> str:
+    loader = jinja2.FileSystemLoader(str(TEMPLATES_DIR))
+    jenv = jinja2.Environment(loader=loader, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    return jenv.get_template(template).render(**context)
+
+
+def _layer_into(bundle: Path, index: int, layer: Layer, defn: Definition) -> None:
+    dest = bundle / "layers" / f"{index:02d}-{layer.name}"
+    dest.mkdir(parents=True)
+    for part in ("files", *PHASES):
+        if (layer.path / part).is_dir():
+            shutil.copytree(layer.path / part, dest / part, symlinks=True)
+    context = {"definition": defn.data, "settings": defn.layer_settings(layer.name), "layer": layer.name}
+    for target, template in layer.templates.items():
+        out = dest / "files" / target.lstrip("/")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(render(template, context))
+
+
+def make_bundle(defn: Definition, bundle: Path, images: list[PreparedImage]) -> Path:
+    """Write the bundle for `defn`'s enabled layers and the prepared images."""
+    shutil.rmtree(bundle, ignore_errors=True)
+    bundle.mkdir(parents=True)
+    shutil.copy2(TEMPLATES_DIR / "bake" / "run", bundle / "run")
+    env = bake_env(defn)
+    (bundle / "env").write_text("".join(f"{k}={shlex.quote(v)}\n" for k, v in sorted(env.items())))
+    (bundle / "definition.json").write_text(defn.to_json())
+    for index, layer in enumerate(defn.enabled_layers()):
+        _layer_into(bundle, index, layer, defn)
+    if images:
+        (bundle / "images").mkdir()
+        rows = []
+        for n, image in enumerate(images):
+            name = f"{n:02d}.tar"
+            shutil.copyfile(image.archive, bundle / "images" / name)
+            rows.append(f"{image.ref}\t{name}\t{image.source_ref}\n")
+        (bundle / "images" / "images.tsv").write_text("".join(rows))
+    return bundle
+
+
+def bake_chroot(rootfs: Path, bundle: Path) -> None:
+    """Run the bundle inside `rootfs`, then remove it from the tree."""
+    inside = rootfs / BAKE_DIR
+    shutil.rmtree(inside, ignore_errors=True)
+    shutil.copytree(bundle, inside, symlinks=True)
+    try:
+        with mounted(rootfs):
+            chroot_run(rootfs, [f"/{BAKE_DIR}/run"], show=lambda _line: True, what="layer bake")
+    finally:
+        shutil.rmtree(inside, ignore_errors=True)
+    info("layers baked")
+
+
+def layer_digest(layer: Layer) -> str:
+    """sha256 over a layer folder's files (paths, modes and contents) and the templates it renders."""
+    h = hashlib.sha256()
+    paths = sorted(p for p in layer.path.rglob("*") if p.is_file())
+    paths += [TEMPLATES_DIR / t for t in sorted(layer.templates.values())]
+    for path in paths:
+        h.update(json.dumps([str(path.relative_to(ROOT)), path.stat().st_mode]).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()

@@ -1,0 +1,178 @@
+"""The build phases, as in the Olares installer: download, prepare, assemble (verify is in verify.py).
+
+Each phase records its timing in the work folder's state.json; assemble puts them in manifest.json.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from . import bake, disk, host, images, rootfs
+from .artifacts import artifacts_root, sha256_file, staged_output, write_sha256sums
+from .chroot import chroot_run
+from .definition import Definition
+from .errors import StrataError
+from .log import info, step
+
+VERSION = "0.1.0"
+BUILD_TOOLS = ("mmdebstrap", "mkfs.ext4", "mkfs.vfat", "mcopy", "mmd", "sfdisk", "qemu-img")
+
+
+def work_dir(defn: Definition) -> Path:
+    return artifacts_root() / ".work" / str(defn.data["name"])
+
+
+def output_dir(defn: Definition) -> Path:
+    return artifacts_root() / str(defn.data["name"])
+
+
+def load_state(defn: Definition) -> dict[str, Any]:
+    path = work_dir(defn) / "state.json"
+    return json.loads(path.read_text()) if path.exists() else {"phases": {}}
+
+
+def save_state(defn: Definition, state: dict[str, Any]) -> None:
+    path = work_dir(defn) / "state.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def record_phase(defn: Definition, phase: str, seconds: float, **extra: Any) -> None:
+    state = load_state(defn)
+    state["phases"][phase] = {"seconds": round(seconds, 1), **extra}
+    if phase == "prepare":
+        state["definition_digest"] = defn.digest()
+    save_state(defn, state)
+
+
+def os_packages(defn: Definition) -> list[str]:
+    packages = list(defn.data["os"]["packages"])
+    for layer in defn.enabled_layers():
+        packages += layer.packages
+    return packages
+
+
+def image_specs(defn: Definition) -> list[images.ImageSpec]:
+    if not defn.data["layers"].get("containerd", {}).get("enabled"):
+        return []
+    return images.image_specs(defn.layer_settings("containerd"))
+
+
+def download(defn: Definition) -> None:
+    """Fetch and verify every remote input, so a missing one fails in seconds, not after the build."""
+    host.require_root("invoke download")
+    host.require_tools("mmdebstrap")
+    start = time.monotonic()
+    with step("download"):
+        specs = image_specs(defn)
+        images.check_archives(specs)
+        wanted = os_packages(defn) + [p for s in specs if s.build for p in s.build.get("packages", [])]
+        fetched = rootfs.download_packages(defn.data["os"], wanted)
+    record_phase(defn, "download", time.monotonic() - start, fetched_bytes=fetched)
+
+
+def prepare(defn: Definition) -> None:
+    """Build the root filesystem and bake the enabled layers into it."""
+    host.require_root("invoke prepare")
+    host.require_tools("mmdebstrap")
+    work = work_dir(defn)
+    start = time.monotonic()
+    with step("prepare"):
+        with step("container images"):
+            prepared = images.prepare_images(defn.data["os"], image_specs(defn), work)
+        bundle = bake.make_bundle(defn, work / "bundle", prepared)
+        tree = work / "rootfs"
+        with step(f"root filesystem (Debian {defn.data['os']['suite']})"):
+            fetched = rootfs.create_rootfs(defn.data["os"], tree, os_packages(defn))
+        with step("bake layers: " + ", ".join(layer.name for layer in defn.enabled_layers())):
+            bake.bake_chroot(tree, bundle)
+        packages = chroot_run(tree, ["dpkg-query", "-W", "-f", "${Package}\t${Version}\t${Architecture}\n"])
+        (work / "packages.txt").write_text(packages + "\n")
+        (work / "images.json").write_text(
+            json.dumps([{"ref": i.ref, "digest": i.digest} for i in prepared], indent=2)
+        )
+    record_phase(defn, "prepare", time.monotonic() - start, fetched_bytes=fetched)
+
+
+def _versions(work: Path) -> dict[str, str]:
+    table = dict(line.split("\t")[:2] for line in (work / "packages.txt").read_text().splitlines() if line)
+    wanted = (
+        "linux-image-amd64",
+        "systemd",
+        "containerd",
+        "runc",
+        "openssh-server",
+        "cloud-init",
+        "grub-efi-amd64-bin",
+    )
+    return {name: table[name] for name in wanted if name in table}
+
+
+def assemble(defn: Definition) -> Path:
+    """Turn the prepared tree into disk images, SHA256SUMS, manifest.json and packages.txt."""
+    host.require_root("invoke assemble")
+    host.require_tools(*BUILD_TOOLS)
+    work = work_dir(defn)
+    tree = work / "rootfs"
+    state = load_state(defn)
+    if not tree.is_dir() or "prepare" not in state["phases"]:
+        raise StrataError(
+            f"nothing prepared for '{defn.data['name']}': run `invoke prepare` (or `invoke build`) first"
+        )
+    if state.get("definition_digest") != defn.digest():
+        raise StrataError("the definition changed since `invoke prepare`; run `invoke prepare` again")
+    name = defn.data["name"]
+    ids = disk.DiskIds.derive(f"{name}:{defn.digest()}")
+    start = time.monotonic()
+    with step("assemble"), staged_output(output_dir(defn)) as out:
+        disk.write_boot_config(tree, ids, defn.data["os"]["kernel_cmdline"], f"strata {name}")
+        raw = out / f"{name}.raw"
+        with step("raw disk image"):
+            disk.assemble_raw(tree, work, raw, ids, defn.data["disk"]["size"], defn.data["disk"]["firmware"])
+        names = [raw.name]
+        if "qcow2" in defn.data["disk"]["formats"]:
+            with step("qcow2 (compressed)"):
+                disk.to_qcow2(raw, out / f"{name}.qcow2")
+            names.append(f"{name}.qcow2")
+        if "raw" not in defn.data["disk"]["formats"]:
+            raw.unlink()
+            names.remove(raw.name)
+        shutil.copyfile(work / "packages.txt", out / "packages.txt")
+        phases = dict(load_state(defn)["phases"])
+        phases["assemble"] = {"seconds": round(time.monotonic() - start, 1)}
+        manifest = {
+            "strata": VERSION,
+            "name": name,
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "build_host": platform.node(),
+            "definition": json.loads(defn.to_json()),
+            "definition_digest": defn.digest(),
+            "versions": {"debian": defn.data["os"]["suite"], **_versions(work)},
+            "layers": [
+                {"name": layer.name, "order": layer.order, "sha256": bake.layer_digest(layer)}
+                for layer in defn.enabled_layers()
+            ],
+            "images": json.loads((work / "images.json").read_text()),
+            "disk": {
+                "root_fs_uuid": ids.root_fs,
+                "disk_guid": ids.disk,
+                "firmware": defn.data["disk"]["firmware"],
+            },
+            "phases": phases,
+            "artifacts": {
+                n: {"size": (out / n).stat().st_size, "sha256": sha256_file(out / n)} for n in names
+            },
+        }
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        write_sha256sums(out, [*names, "manifest.json", "packages.txt"])
+    record_phase(defn, "assemble", time.monotonic() - start)
+    for n in names:
+        info(f"{output_dir(defn) / n}: {(output_dir(defn) / n).stat().st_size / 2**20:.0f} MiB")
+    return output_dir(defn)

@@ -1,0 +1,224 @@
+"""Booting images under QEMU: KVM where it works, TCG otherwise; SSH forwarded to a local port."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import StrataError
+from .host import OVMF_CODE, OVMF_VARS, require_file
+from .log import info
+from .rootfs import cache_root
+
+PROBE_MARK = b"Linux version"
+PROBE_SECONDS = 15
+
+
+def kvm_usable_device() -> bool:
+    return os.access("/dev/kvm", os.R_OK | os.W_OK)
+
+
+def qemu_version() -> str:
+    out = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True, check=True)
+    return out.stdout.splitlines()[0]
+
+
+def probe_kvm(kernel: Path, initrd: Path | None) -> bool:
+    """Boot `kernel` under KVM for a few seconds: does it get as far as printing its banner?
+
+    On some hosts /dev/kvm exists but guests hang in early boot; this catches that.
+    """
+    with tempfile.TemporaryDirectory(prefix="strata-kvm-probe-") as tmp:
+        log = Path(tmp) / "serial.log"
+        cmd = [
+            "qemu-system-x86_64",
+            "-machine",
+            "q35,accel=kvm",
+            "-m",
+            "512",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-kernel",
+            str(kernel),
+            "-append",
+            "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1",
+            "-serial",
+            f"file:{log}",
+        ]
+        if initrd:
+            cmd += ["-initrd", str(initrd)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + PROBE_SECONDS
+            while time.monotonic() < deadline and proc.poll() is None:
+                if log.exists() and PROBE_MARK in log.read_bytes():
+                    return True
+                time.sleep(0.25)
+            return log.exists() and PROBE_MARK in log.read_bytes()
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+def choose_accel(requested: str, kernel: Path | None = None, initrd: Path | None = None) -> str:
+    """'kvm' or 'tcg' for `requested` (auto, kvm, tcg); the probe result is cached per host and QEMU."""
+    if requested == "tcg":
+        return "tcg"
+    if not kvm_usable_device():
+        if requested == "kvm":
+            raise StrataError("verify.accel is kvm but /dev/kvm is missing or not writable; use auto or tcg")
+        info("/dev/kvm not usable: using TCG (software emulation)")
+        return "tcg"
+    if kernel is None:
+        return "kvm"
+    cache = cache_root() / "accel-probe.json"
+    key = f"{os.uname().release} {qemu_version()}"
+    known = json.loads(cache.read_text()) if cache.exists() else {}
+    if key not in known:
+        known[key] = probe_kvm(kernel, initrd)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(known, indent=1))
+    if known[key]:
+        return "kvm"
+    if requested == "kvm":
+        raise StrataError(
+            "verify.accel is kvm but KVM guests hang in early boot on this host; use auto or tcg"
+        )
+    info("KVM guests do not boot on this host (probe): using TCG (software emulation)")
+    return "tcg"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class VM:
+    """A throwaway VM: a copy-on-write overlay over `base`, so the artifact is never modified."""
+
+    base: Path
+    workdir: Path
+    firmware: str  # uefi | bios
+    accel: str
+    memory: int = 2048
+    cpus: int = 2
+    disk_size: int | None = None  # grow the overlay to this many bytes
+    seed_iso: Path | None = None
+    extra_drives: list[Path] = field(default_factory=list)
+    ssh_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+
+    @property
+    def serial_log(self) -> Path:
+        return self.workdir / f"serial-{self.firmware}.log"
+
+    def _command(self) -> list[str]:
+        overlay = self.workdir / f"disk-{self.firmware}.qcow2"
+        fmt = "raw" if self.base.suffix == ".raw" else "qcow2"
+        subprocess.run(
+            [
+                "qemu-img",
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                str(self.base.resolve()),
+                "-F",
+                fmt,
+                str(overlay),
+            ],
+            check=True,
+        )
+        if self.disk_size:
+            subprocess.run(["qemu-img", "resize", "-q", str(overlay), str(self.disk_size)], check=True)
+        machine = f"q35,accel={self.accel}"
+        cmd = [
+            "qemu-system-x86_64",
+            "-machine",
+            machine,
+            "-m",
+            str(self.memory),
+            "-smp",
+            str(self.cpus),
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-serial",
+            f"file:{self.serial_log}",
+            "-drive",
+            f"file={overlay},if=virtio,format=qcow2,discard=unmap",
+            "-netdev",
+            f"user,id=net0,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
+            "-device",
+            "virtio-net-pci,netdev=net0",
+            "-device",
+            "virtio-rng-pci",
+        ]
+        if self.accel == "kvm":
+            cmd += ["-cpu", "host"]
+        if self.firmware == "uefi":
+            require_file(OVMF_CODE, "ovmf")
+            vars_copy = self.workdir / "OVMF_VARS.fd"
+            shutil.copyfile(OVMF_VARS, vars_copy)
+            cmd += [
+                "-drive",
+                f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
+                "-drive",
+                f"if=pflash,format=raw,file={vars_copy}",
+            ]
+        if self.seed_iso:
+            cmd += ["-drive", f"file={self.seed_iso},media=cdrom,readonly=on"]
+        for drive in self.extra_drives:
+            cmd += ["-drive", f"file={drive},if=virtio,format=raw"]
+        return cmd
+
+    def start(self) -> VM:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cmd = self._command()
+        info(f"booting {self.base.name} ({self.firmware}, {self.accel}), ssh on 127.0.0.1:{self.ssh_port}")
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=(self.workdir / "qemu.log").open("wb")
+        )
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def serial_tail(self, lines: int = 25) -> str:
+        if not self.serial_log.exists():
+            return "(no serial output)"
+        text = self.serial_log.read_bytes().decode(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, timeout: float = 60) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def __enter__(self) -> VM:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,113 @@
+"""Debian root filesystems with mmdebstrap, sharing one package cache so a warm rebuild downloads nothing."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .log import info
+from .proc import run
+
+# mmdebstrap progress worth showing, plus apt's summary of what it fetched
+_SHOW = re.compile(
+    r"^(I: (running apt-get update|downloading|extracting|installing|success)|Fetched |E: |W: )"
+)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("STRATA_CACHE", "/var/cache/strata"))
+
+
+def apt_cache(os_settings: dict[str, Any]) -> Path:
+    """One package cache per suite and architecture."""
+    return cache_root() / "apt" / f"{os_settings['suite']}-{os_settings['arch']}"
+
+
+def sources(os_settings: dict[str, Any]) -> list[str]:
+    suite, comps = os_settings["suite"], " ".join(os_settings["components"])
+    return [
+        f"deb {os_settings['mirror']} {suite} {comps}",
+        f"deb {os_settings['mirror']} {suite}-updates {comps}",
+        f"deb {os_settings['security_mirror']} {suite}-security {comps}",
+    ]
+
+
+def mmdebstrap(
+    os_settings: dict[str, Any],
+    target: Path | str,
+    packages: Iterable[str],
+    *,
+    variant: str = "apt",
+    fmt: str = "directory",
+    offline: bool = False,
+) -> str:
+    """Run mmdebstrap with the shared cache synced in before and out after.
+
+    With offline=True every package must already be cached (skip=download/empty makes apt fail
+    rather than fetch silently, after the package index check).
+    """
+    cache = apt_cache(os_settings)
+    for sub in ("archives", "lists"):
+        (cache / sub).mkdir(parents=True, exist_ok=True)
+    cmd: list[str] = [
+        "mmdebstrap",
+        "--mode=root",
+        f"--variant={variant}",
+        f"--format={fmt}",
+        f"--architectures={os_settings['arch']}",
+        '--aptopt=Acquire::Retries "3"',
+        '--setup-hook=mkdir -p "$1"/var/cache/apt/archives "$1"/var/lib/apt/lists',
+        f"--setup-hook=sync-in {cache}/archives /var/cache/apt/archives/",
+        f"--setup-hook=sync-in {cache}/lists /var/lib/apt/lists/",
+        f"--customize-hook=sync-out /var/cache/apt/archives {cache}/archives",
+        f"--customize-hook=sync-out /var/lib/apt/lists {cache}/lists",
+        "--skip=download/empty",
+    ]
+    names = sorted({p for p in packages if not p.startswith("?")})
+    cmd += [f"--include={p}" for p in sorted({p for p in packages if p.startswith("?")})]
+    if names:
+        cmd.append("--include=" + ",".join(names))
+    if offline:
+        cmd.append('--aptopt=Acquire::http::Proxy "http://127.0.0.1:9"')
+    cmd += [os_settings["suite"], str(target), *sources(os_settings)]
+    return run(cmd, show=lambda line: bool(_SHOW.match(line)), what="mmdebstrap")
+
+
+def fetched_bytes(output: str) -> int:
+    """Sum of apt's 'Fetched N kB' lines: what a run downloaded."""
+    units = {"B": 1, "kB": 1000, "MB": 1000**2, "GB": 1000**3}
+    total = 0.0
+    for m in re.finditer(r"^Fetched ([\d.,]+) (B|kB|MB|GB)", output, re.M):
+        total += float(m.group(1).replace(",", "")) * units[m.group(2)]
+    return int(total)
+
+
+def download_packages(os_settings: dict[str, Any], packages: Iterable[str]) -> int:
+    """Fetch (and verify, via apt's signed indices) every package a build needs into the cache."""
+    out = mmdebstrap(
+        os_settings, "/dev/null", ["?essential", "apt", *packages], variant="extract", fmt="null"
+    )
+    size = fetched_bytes(out)
+    info(f"package cache {apt_cache(os_settings)}: {size / 1e6:.1f} MB fetched")
+    return size
+
+
+def create_rootfs(os_settings: dict[str, Any], target: Path, packages: Iterable[str]) -> int:
+    """Build the system tree with every package installed; returns bytes fetched."""
+    if target.exists():
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    out = mmdebstrap(os_settings, target, packages)
+    return fetched_bytes(out)
+
+
+def extract_packages(os_settings: dict[str, Any], target: Path, packages: Iterable[str]) -> None:
+    """Unpack packages and their dependencies without running maintainer scripts (container images)."""
+    if target.exists():
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    mmdebstrap(os_settings, target, packages, variant="extract")

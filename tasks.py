@@ -125,9 +125,9 @@ def build(c: Context, definition: str | None = None, skip_verify: bool = False) 
 @clean_errors
 def bench(c: Context, definition: str | None = None) -> None:
     """Time every phase cold (empty caches) and warm, with artifact sizes and boot-to-SSH time."""
-    from builder import bench as bench_mod
+    from builder.bench import run as run_bench
 
-    bench_mod.run(_load(definition))
+    run_bench(_load(definition))
 
 
 @task

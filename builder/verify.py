@@ -37,7 +37,8 @@ def _context(defn: Definition, mode: str, **extra: Any) -> dict[str, Any]:
     }
 
 
-def run_suite(hosts: str, context: dict[str, Any], workdir: Path, extra: list[str] | None = None) -> None:
+def run_suite(target: list[str], context: dict[str, Any], workdir: Path) -> None:
+    """Run tests/image against `target` (testinfra's --hosts/--connection arguments)."""
     workdir.mkdir(parents=True, exist_ok=True)
     ctx_file = workdir / "context.json"
     ctx_file.write_text(json.dumps(context, indent=2))
@@ -47,17 +48,16 @@ def run_suite(hosts: str, context: dict[str, Any], workdir: Path, extra: list[st
         "-m",
         "pytest",
         str(SUITE),
-        f"--hosts={hosts}",
+        *target,
         "-p",
         "no:cacheprovider",
         "-q",
         "-rs",
         f"--junitxml={junit}",
-        *(extra or []),
     ]
     env = {**os.environ, "STRATA_VERIFY_CONTEXT": str(ctx_file)}
     if subprocess.call(cmd, cwd=ROOT, env=env) != 0:
-        raise StrataError(f"image verification failed on {hosts.split('?')[0]} (see the test output above)")
+        raise StrataError(f"image verification failed ({' '.join(target)}); see the test output above")
 
 
 def wait_ssh(vm: VM, ssh_config: Path, timeout: float) -> float:
@@ -90,6 +90,7 @@ def make_ssh_key(workdir: Path) -> tuple[Path, Path]:
         f"  IdentityFile {key}\n  IdentitiesOnly yes\n  User root\n"
         "  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n"
         "  ConnectTimeout 10\n  BatchMode yes\n"
+        "  ControlMaster auto\n  ControlPath /tmp/strata-ssh-%C\n  ControlPersist 60\n"
     )
     return key, config
 
@@ -139,15 +140,13 @@ def boot_and_test(defn: Definition, image: Path, firmware: str, accel: str, work
                 "booted",
                 firmware=firmware,
                 instance_id=seed.instance_id,
-                disk_size=virtual_size(workdir / f"disk-{firmware}.qcow2"),
+                disk_size=vm.disk_size,
             )
-            run_suite(f"ssh://root@127.0.0.1:{vm.ssh_port}", context, workdir, [f"--ssh-config={ssh_config}"])
-        subprocess.run(
-            ["ssh", "-F", str(ssh_config), "-p", str(vm.ssh_port), "root@127.0.0.1", "systemctl poweroff"],
-            capture_output=True,
-            timeout=30,
-            check=False,
-        )
+            run_suite(
+                [f"--hosts=ssh://root@127.0.0.1:{vm.ssh_port}", f"--ssh-config={ssh_config}"],
+                context,
+                workdir,
+            )
     return seconds
 
 
@@ -160,7 +159,11 @@ def verify(defn: Definition, booted: bool = True, only_firmware: str | None = No
     results: dict[str, float] = {}
     with step("verify"):
         with step("testinfra on the baked tree (chroot)"):
-            run_suite(f"chroot://{tree}", _context(defn, "offline"), work / "verify" / "offline")
+            run_suite(
+                ["--connection=chroot", f"--hosts={tree}"],
+                _context(defn, "offline"),
+                work / "verify" / "offline",
+            )
         if not booted:
             return results
         host.require_tools("qemu-system-x86_64", "qemu-img", "ssh", "ssh-keygen")

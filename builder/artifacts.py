@@ -43,9 +43,10 @@ def staged_output(final: Path) -> Iterator[Path]:
     staging.mkdir()
     try:
         yield staging
-        for f in staging.iterdir():
-            with f.open("rb") as fh:
-                os.fsync(fh.fileno())
+        for f in staging.rglob("*"):
+            if f.is_file():
+                with f.open("rb") as fh:
+                    os.fsync(fh.fileno())
         old = final.parent / f".{final.name}.old-{os.getpid()}"
         if final.exists():
             final.rename(old)

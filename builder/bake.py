@@ -15,9 +15,10 @@ from typing import Any
 
 import jinja2
 
-from . import ROOT, TEMPLATES_DIR
+from . import TEMPLATES_DIR
 from .chroot import chroot_run, mounted
 from .definition import Definition, Layer
+from .errors import StrataError
 from .images import PreparedImage
 from .log import info
 
@@ -38,8 +39,13 @@ def bake_env(defn: Definition) -> dict[str, str]:
     env = {f"STRATA_OS_{k.upper()}": env_value(v) for k, v in defn.data["os"].items()}
     for layer in defn.enabled_layers():
         for key, value in defn.layer_settings(layer.name).items():
+            name = f"STRATA_{layer.name.upper().replace('-', '_')}_{key.upper()}"
+            if name in env:
+                raise StrataError(
+                    f"{layer.path / 'layer.yaml'}: settings.{key}: {name} is already taken; rename it"
+                )
             if not isinstance(value, dict):
-                env[f"STRATA_{layer.name.upper()}_{key.upper()}"] = env_value(value)
+                env[name] = env_value(value)
     env["STRATA_NAME"] = defn.data["name"]
     return env
 
@@ -100,9 +106,9 @@ def bake_chroot(rootfs: Path, bundle: Path) -> None:
 def layer_digest(layer: Layer) -> str:
     """sha256 over a layer folder's files (paths, modes and contents) and the templates it renders."""
     h = hashlib.sha256()
-    paths = sorted(p for p in layer.path.rglob("*") if p.is_file())
-    paths += [TEMPLATES_DIR / t for t in sorted(layer.templates.values())]
-    for path in paths:
-        h.update(json.dumps([str(path.relative_to(ROOT)), path.stat().st_mode]).encode())
+    files = [(str(p.relative_to(layer.path)), p) for p in sorted(layer.path.rglob("*")) if p.is_file()]
+    files += [(f"templates/{t}", TEMPLATES_DIR / t) for t in sorted(layer.templates.values())]
+    for name, path in files:
+        h.update(json.dumps([name, path.stat().st_mode]).encode())
         h.update(path.read_bytes())
     return h.hexdigest()

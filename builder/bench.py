@@ -7,6 +7,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from . import ROOT, build, verify
@@ -20,15 +21,30 @@ PHASES: tuple[tuple[str, Callable[[Definition], Any]], ...] = (
 )
 
 
+def received_bytes() -> int:
+    """Bytes received on every network interface but loopback (from /proc/net/dev)."""
+    total = 0
+    for line in Path("/proc/net/dev").read_text().splitlines()[2:]:
+        name, data = line.split(":", 1)
+        if name.strip() != "lo":
+            total += int(data.split()[0])
+    return total
+
+
 def _timed(fn: Callable[[], Any]) -> float:
     start = time.monotonic()
     fn()
     return round(time.monotonic() - start, 1)
 
 
-def _fetched(defn: Definition) -> dict[str, int]:
-    phases = build.load_state(defn)["phases"]
-    return {p: int(phases.get(p, {}).get("fetched_bytes", 0)) for p in ("download", "prepare")}
+def _measure(defn: Definition) -> dict[str, Any]:
+    """Seconds and MB received for each phase."""
+    out: dict[str, Any] = {}
+    for name, fn in PHASES:
+        before = received_bytes()
+        out[name] = _timed(lambda fn=fn: fn(defn))  # type: ignore[misc]
+        out[f"{name}_mb_received"] = round((received_bytes() - before) / 1e6, 1)
+    return out
 
 
 def run(defn: Definition) -> dict[str, Any]:
@@ -42,8 +58,7 @@ def run(defn: Definition) -> dict[str, Any]:
             with step(f"bench: {temperature}"):
                 if temperature == "warm":
                     shutil.rmtree(build.work_dir(defn), ignore_errors=True)
-                results[temperature] = {name: _timed(lambda fn=fn: fn(defn)) for name, fn in PHASES}  # type: ignore[misc]
-                results[temperature]["fetched_bytes"] = _fetched(defn)
+                results[temperature] = _measure(defn)
         out = build.output_dir(defn)
         results["sizes_mib"] = {p.name: round(p.stat().st_size / 2**20, 1) for p in sorted(out.iterdir())}
         results["boot_to_ssh_s"] = verify.verify(defn, booted=True)
@@ -62,12 +77,10 @@ def run(defn: Definition) -> dict[str, Any]:
 
 def print_table(r: dict[str, Any]) -> None:
     print(f"\nvalidate: {r['validate_s']}s")
-    print(f"{'phase':<10}{'cold (s)':>10}{'warm (s)':>10}")
+    print(f"{'phase':<10}{'cold (s)':>10}{'cold MB in':>12}{'warm (s)':>10}{'warm MB in':>12}")
     for name, _ in PHASES:
-        print(f"{name:<10}{r['cold'][name]:>10}{r['warm'][name]:>10}")
-    for t in ("cold", "warm"):
-        mb = {k: round(v / 1e6, 1) for k, v in r[t]["fetched_bytes"].items()}
-        print(f"downloaded ({t}, MB): {mb}")
+        mb = f"{name}_mb_received"
+        print(f"{name:<10}{r['cold'][name]:>10}{r['cold'][mb]:>12}{r['warm'][name]:>10}{r['warm'][mb]:>12}")
     for name, size in r["sizes_mib"].items():
         print(f"{name}: {size} MiB")
     for firmware, seconds in r["boot_to_ssh_s"].items():

@@ -74,8 +74,8 @@ def download(defn: Definition) -> None:
         specs = image_specs(defn)
         images.check_archives(specs)
         wanted = os_packages(defn) + [p for s in specs if s.build for p in s.build.get("packages", [])]
-        fetched = rootfs.download_packages(defn.data["os"], wanted)
-    record_phase(defn, "download", time.monotonic() - start, fetched_bytes=fetched)
+        rootfs.download_packages(defn.data["os"], wanted)
+    record_phase(defn, "download", time.monotonic() - start)
 
 
 def prepare(defn: Definition) -> None:
@@ -90,7 +90,7 @@ def prepare(defn: Definition) -> None:
         bundle = bake.make_bundle(defn, work / "bundle", prepared)
         tree = work / "rootfs"
         with step(f"root filesystem (Debian {defn.data['os']['suite']})"):
-            fetched = rootfs.create_rootfs(defn.data["os"], tree, os_packages(defn))
+            rootfs.create_rootfs(defn.data["os"], tree, os_packages(defn))
         with step("bake layers: " + ", ".join(layer.name for layer in defn.enabled_layers())):
             bake.bake_chroot(tree, bundle)
         packages = chroot_run(tree, ["dpkg-query", "-W", "-f", "${Package}\t${Version}\t${Architecture}\n"])
@@ -98,7 +98,7 @@ def prepare(defn: Definition) -> None:
         (work / "images.json").write_text(
             json.dumps([{"ref": i.ref, "digest": i.digest} for i in prepared], indent=2)
         )
-    record_phase(defn, "prepare", time.monotonic() - start, fetched_bytes=fetched)
+    record_phase(defn, "prepare", time.monotonic() - start)
 
 
 def _versions(work: Path) -> dict[str, str]:

@@ -43,6 +43,7 @@ class DiskIds:
     root_fs: str
     root_part: str
     esp_part: str
+    bios_part: str
     esp_serial: str  # vfat volume id, 8 hex digits
 
     @classmethod
@@ -50,7 +51,14 @@ class DiskIds:
         def make(role: str) -> str:
             return str(uuid.uuid5(uuid.NAMESPACE_URL, f"strata:{seed}:{role}"))
 
-        return cls(make("disk"), make("root-fs"), make("root-part"), make("esp-part"), make("esp")[:8])
+        return cls(
+            disk=make("disk"),
+            root_fs=make("root-fs"),
+            root_part=make("root-part"),
+            esp_part=make("esp-part"),
+            bios_part=make("bios-part"),
+            esp_serial=make("esp")[:8],
+        )
 
 
 def align(size: int, to: int = MiB) -> int:
@@ -190,7 +198,8 @@ def partition(disk: Path, root_size: int, ids: DiskIds) -> None:
     s = SECTOR
     script = (
         f"label: gpt\nlabel-id: {ids.disk}\n"
-        f"start={BIOS_BOOT_START // s}, size={BIOS_BOOT_SIZE // s}, type={BIOS_BOOT_TYPE}, name=bios-boot\n"
+        f"start={BIOS_BOOT_START // s}, size={BIOS_BOOT_SIZE // s}, type={BIOS_BOOT_TYPE}, "
+        f"uuid={ids.bios_part}, name=bios-boot\n"
         f"start={ESP_START // s}, size={ESP_SIZE // s}, type={ESP_TYPE}, uuid={ids.esp_part}, name=esp\n"
         f"start={ROOT_START // s}, size={root_size // s}, type={ROOT_X86_64_TYPE}, "
         f"uuid={ids.root_part}, name=root\n"

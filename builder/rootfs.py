@@ -77,32 +77,18 @@ def mmdebstrap(
     return run(cmd, show=lambda line: bool(_SHOW.match(line)), what="mmdebstrap")
 
 
-def fetched_bytes(output: str) -> int:
-    """Sum of apt's 'Fetched N kB' lines: what a run downloaded."""
-    units = {"B": 1, "kB": 1000, "MB": 1000**2, "GB": 1000**3}
-    total = 0.0
-    for m in re.finditer(r"^Fetched ([\d.,]+) (B|kB|MB|GB)", output, re.M):
-        total += float(m.group(1).replace(",", "")) * units[m.group(2)]
-    return int(total)
-
-
-def download_packages(os_settings: dict[str, Any], packages: Iterable[str]) -> int:
+def download_packages(os_settings: dict[str, Any], packages: Iterable[str]) -> None:
     """Fetch (and verify, via apt's signed indices) every package a build needs into the cache."""
-    out = mmdebstrap(
-        os_settings, "/dev/null", ["?essential", "apt", *packages], variant="extract", fmt="null"
-    )
-    size = fetched_bytes(out)
-    info(f"package cache {apt_cache(os_settings)}: {size / 1e6:.1f} MB fetched")
-    return size
+    mmdebstrap(os_settings, "/dev/null", ["?essential", "apt", *packages], variant="extract", fmt="null")
+    info(f"package cache: {apt_cache(os_settings)}")
 
 
-def create_rootfs(os_settings: dict[str, Any], target: Path, packages: Iterable[str]) -> int:
-    """Build the system tree with every package installed; returns bytes fetched."""
+def create_rootfs(os_settings: dict[str, Any], target: Path, packages: Iterable[str]) -> None:
+    """Build the system tree with every package installed."""
     if target.exists():
         shutil.rmtree(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    out = mmdebstrap(os_settings, target, packages)
-    return fetched_bytes(out)
+    mmdebstrap(os_settings, target, packages)
 
 
 def extract_packages(os_settings: dict[str, Any], target: Path, packages: Iterable[str]) -> None:

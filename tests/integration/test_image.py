@@ -37,9 +37,11 @@ def invoke(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
 
 
 @pytest.fixture(scope="module")
-def built() -> Path:
+def built(request: pytest.FixtureRequest) -> Path:
     """A fresh build of the default definition, verified (chroot, then booted on UEFI and on BIOS)."""
-    out = invoke("build")
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():  # the build's step log belongs in the CI log
+        out = invoke("build")
     assert out.returncode == 0, "invoke build (with its booted verification) failed; see the log above"
     return artifacts_root() / NAME
 

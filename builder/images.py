@@ -10,6 +10,7 @@ from typing import Any
 from .errors import StrataError
 from .log import info, step
 from .oci import build_oci_archive, inspect_archive, normalize_ref
+from .proc import run
 from .rootfs import extract_packages
 
 IMAGES_FIELD = "layers.containerd.images"
@@ -99,7 +100,8 @@ def _build_tree(os_settings: dict[str, Any], spec: ImageSpec, tree: Path) -> Non
         tree.mkdir(parents=True)
     folder = spec.build.get("folder")
     if folder:
-        shutil.copytree(folder, tree, symlinks=True, dirs_exist_ok=True)
+        # cp -a keeps owners, modes, links and special files exactly (copytree would read device nodes)
+        run(["cp", "-a", "--", f"{folder}/.", str(tree)], what=f"copying {folder}")
 
 
 def prepare_images(os_settings: dict[str, Any], specs: list[ImageSpec], work: Path) -> list[PreparedImage]:

@@ -121,7 +121,8 @@ def test_killed_assemble_leaves_no_final_files(built: Path, tmp_path: Path) -> N
     work, final = artifacts_root() / ".work", artifacts_root() / kill_name
     shutil.rmtree(work / kill_name, ignore_errors=True)
     shutil.rmtree(final, ignore_errors=True)
-    shutil.copytree(work / NAME, work / kill_name, symlinks=True)
+    # cp -a, not shutil.copytree: the tree holds device nodes (/dev/zero...) that must not be read
+    subprocess.run(["cp", "-a", str(work / NAME), str(work / kill_name)], check=True)
     # the prepared tree is the default's; record it as prepared for this definition
     from builder.definition import load_definition
 

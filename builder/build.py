@@ -9,6 +9,7 @@ import json
 import platform
 import shutil
 import time
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from .definition import Definition
 from .errors import StrataError
 from .log import info, step
 
-VERSION = "0.1.0"
+VERSION = version("strata")
 BUILD_TOOLS = ("mmdebstrap", "mkfs.ext4", "mkfs.vfat", "mcopy", "mmd", "sfdisk", "qemu-img")
 
 

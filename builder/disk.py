@@ -143,28 +143,24 @@ def grub_images(rootfs: Path, ids: DiskIds, work: Path) -> dict[str, Path]:
 
 
 def make_root_fs(rootfs: Path, out: Path, size: int, inodes: int, ids: DiskIds) -> None:
+    """ext4 holding `rootfs`, with fixed UUID and hash seed; SOURCE_DATE_EPOCH pins its timestamps."""
     out.unlink(missing_ok=True)
+    env = dict(os.environ)
+    if "SOURCE_DATE_EPOCH" in env:
+        env["E2FSPROGS_FAKE_TIME"] = env["SOURCE_DATE_EPOCH"]
+    features = [
+        "-L",
+        "root",
+        "-U",
+        ids.root_fs,
+        "-N",
+        str(inodes),
+        "-E",
+        f"hash_seed={ids.root_fs},root_owner=0:0",
+    ]
     run(
-        [
-            "mkfs.ext4",
-            "-q",
-            "-F",
-            "-L",
-            "root",
-            "-U",
-            ids.root_fs,
-            "-N",
-            str(inodes),
-            "-E",
-            f"hash_seed={ids.root_fs},root_owner=0:0",
-            "-d",
-            str(rootfs),
-            str(out),
-            f"{size // 1024}k",
-        ],
-        env={**os.environ, "E2FSPROGS_FAKE_TIME": os.environ.get("SOURCE_DATE_EPOCH", "")}
-        if os.environ.get("SOURCE_DATE_EPOCH")
-        else None,
+        ["mkfs.ext4", "-q", "-F", *features, "-d", str(rootfs), str(out), f"{size // 1024}k"],
+        env=env,
         what="mkfs.ext4",
     )
 

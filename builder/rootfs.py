@@ -43,12 +43,11 @@ def mmdebstrap(
     *,
     variant: str = "apt",
     fmt: str = "directory",
-    offline: bool = False,
 ) -> str:
     """Run mmdebstrap with the shared cache synced in before and out after.
 
-    With offline=True every package must already be cached (skip=download/empty makes apt fail
-    rather than fetch silently, after the package index check).
+    Package files are synced out right after extraction too: the extract variant deletes them
+    before customize hooks run. With the cache warm, apt fetches only the InRelease files.
     """
     cache = apt_cache(os_settings)
     for sub in ("archives", "lists"):
@@ -63,16 +62,16 @@ def mmdebstrap(
         '--setup-hook=mkdir -p "$1"/var/cache/apt/archives "$1"/var/lib/apt/lists',
         f"--setup-hook=sync-in {cache}/archives /var/cache/apt/archives/",
         f"--setup-hook=sync-in {cache}/lists /var/lib/apt/lists/",
+        f"--extract-hook=sync-out /var/cache/apt/archives {cache}/archives",
+        f"--extract-hook=sync-out /var/lib/apt/lists {cache}/lists",
         f"--customize-hook=sync-out /var/cache/apt/archives {cache}/archives",
-        f"--customize-hook=sync-out /var/lib/apt/lists {cache}/lists",
         "--skip=download/empty",
+        "--skip=essential/unlink",
     ]
     names = sorted({p for p in packages if not p.startswith("?")})
     cmd += [f"--include={p}" for p in sorted({p for p in packages if p.startswith("?")})]
     if names:
         cmd.append("--include=" + ",".join(names))
-    if offline:
-        cmd.append('--aptopt=Acquire::http::Proxy "http://127.0.0.1:9"')
     cmd += [os_settings["suite"], str(target), *sources(os_settings)]
     return run(cmd, show=lambda line: bool(_SHOW.match(line)), what="mmdebstrap")
 

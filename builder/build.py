@@ -53,6 +53,15 @@ def record_phase(defn: Definition, phase: str, seconds: float, **extra: Any) -> 
     save_state(defn, state)
 
 
+def forget_phase(defn: Definition, phase: str) -> None:
+    """Mark `phase` not done, so a failed or killed rerun is never mistaken for a finished one."""
+    state = load_state(defn)
+    state["phases"].pop(phase, None)
+    if phase == "prepare":
+        state.pop("definition_digest", None)
+    save_state(defn, state)
+
+
 def os_packages(defn: Definition) -> list[str]:
     packages = list(defn.data["os"]["packages"])
     for layer in defn.enabled_layers():
@@ -84,6 +93,7 @@ def prepare(defn: Definition) -> None:
     host.require_root("invoke prepare")
     host.require_tools("mmdebstrap")
     work = work_dir(defn)
+    forget_phase(defn, "prepare")
     start = time.monotonic()
     with step("prepare"):
         with step("container images"):

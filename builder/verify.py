@@ -22,17 +22,14 @@ GROW_BY = 2 << 30  # the test disk is this much larger than the image, to prove 
 
 
 def _context(defn: Definition, mode: str, **extra: Any) -> dict[str, Any]:
-    settings = defn.layer_settings("containerd") if "containerd" in defn.data["layers"] else {}
-    enabled = defn.data["layers"].get("containerd", {}).get("enabled", False)
+    """What the suite checks the image against (tests/image reads it from STRATA_VERIFY_CONTEXT)."""
+    specs = build.image_specs(defn)
     return {
         "mode": mode,
         "hostname": defn.data["os"]["hostname"],
-        "images": [s.ref for s in build.image_specs(defn)] if enabled else [],
-        "sandbox_image": next((s.ref for s in build.image_specs(defn) if s.sandbox), None)
-        if enabled
-        else None,
-        "mirror": defn.data["os"]["security_mirror"],
-        "settings": settings,
+        "images": [s.ref for s in specs],
+        "sandbox_image": next((s.ref for s in specs if s.sandbox), None),
+        "security_mirror": defn.data["os"]["security_mirror"],
         **extra,
     }
 

@@ -54,7 +54,7 @@ def test_dns_via_resolved(host: Any) -> None:
 
 def test_security_updates_source(host: Any, ctx: dict[str, Any]) -> None:
     sources = host.file("/etc/apt/sources.list.d/debian.sources").content_string
-    assert ctx["mirror"] in sources and "-security" in sources
+    assert ctx["security_mirror"] in sources and "-security" in sources
 
 
 def test_cloud_init_datasources(host: Any) -> None:

@@ -12,6 +12,29 @@ from pathlib import Path
 from . import ROOT
 
 
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (to make a rename in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_file(final: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `final`; on success it becomes `final` durably, on failure it goes."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        fsync_path(tmp)
+        os.replace(tmp, final)
+        fsync_path(final.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def artifacts_root() -> Path:
     return Path(os.environ.get("STRATA_ARTIFACTS", ROOT / "artifacts"))
 
@@ -45,8 +68,7 @@ def staged_output(final: Path) -> Iterator[Path]:
         yield staging
         for f in staging.rglob("*"):
             if f.is_file():
-                with f.open("rb") as fh:
-                    os.fsync(fh.fileno())
+                fsync_path(f)
         old = final.parent / f".{final.name}.old-{os.getpid()}"
         if final.exists():
             final.rename(old)

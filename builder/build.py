@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import bake, disk, host, images, rootfs
-from .artifacts import artifacts_root, sha256_file, staged_output, write_sha256sums
+from .artifacts import artifacts_root, atomic_file, sha256_file, staged_output, write_sha256sums
 from .chroot import chroot_run
 from .definition import Definition
 from .errors import StrataError
@@ -38,11 +38,8 @@ def load_state(defn: Definition) -> dict[str, Any]:
 
 
 def save_state(defn: Definition, state: dict[str, Any]) -> None:
-    path = work_dir(defn) / "state.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
-    tmp.replace(path)
+    with atomic_file(work_dir(defn) / "state.json") as tmp:
+        tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
 
 
 def record_phase(defn: Definition, phase: str, seconds: float, **extra: Any) -> None:

@@ -17,6 +17,7 @@ from urllib.parse import unquote, urlparse
 import requests
 
 from . import log
+from .artifacts import fsync_path
 from .errors import StrataError
 from .rootfs import cache_root
 
@@ -253,15 +254,7 @@ def _require_match(remote: Remote, part: Path, digest: str) -> None:
 
 def _install(part: Path, final: Path) -> None:
     """Durably and atomically move the verified part to its cache name."""
-    _fsync(part)
+    fsync_path(part)
     final.parent.mkdir(parents=True, exist_ok=True)
     os.replace(part, final)
-    _fsync(final.parent)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(final.parent)

@@ -18,10 +18,8 @@ TOOL_PACKAGES: dict[str, str] = {
     "sfdisk": "fdisk",
     "qemu-img": "qemu-utils",
     "qemu-system-x86_64": "qemu-system-x86",
-    "xorriso": "xorriso",
     "ssh": "openssh-client",
     "ssh-keygen": "openssh-client",
-    "zstd": "zstd",
 }
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 _depth = 0
-timings: dict[str, float] = {}
 
 
 def _stamp() -> str:
@@ -21,7 +20,7 @@ def info(message: str) -> None:
 
 @contextmanager
 def step(name: str) -> Iterator[None]:
-    """Log the start, end and elapsed time of a step; record it in `timings`."""
+    """Log the start, end and elapsed time of a step."""
     global _depth
     info(f"▶ {name}")
     start = time.monotonic()
@@ -33,7 +32,6 @@ def step(name: str) -> Iterator[None]:
     finally:
         _depth -= 1
         elapsed = time.monotonic() - start
-        timings[name] = round(elapsed, 2)
         info(f"{'✔' if ok else '✘'} {name} ({elapsed:.1f}s)")
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal, NamedTuple
 
+from builder.artifacts import atomic_file
 from builder.errors import StrataError
 
 MEDIA_TYPE_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -177,26 +178,16 @@ def build_oci_archive(
     """Pack the directory `rootfs` as a one-layer image into the oci-archive `out`, reproducibly."""
     full_ref = normalize_ref(ref)
     _check_build_inputs(rootfs, out, arch, epoch)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    try:
-        with tempfile.TemporaryFile(dir=out.parent) as layer_file:
-            layer = _write_layer(rootfs, layer_file, epoch)
-            config = _json_bytes(_image_config(layer.diff_id, arch, epoch, entrypoint, cmd, env, workdir))
-            config_blob = _Blob(_sha256(config), len(config))
-            manifest = _json_bytes(_manifest(config_blob, layer.blob))
-            manifest_blob = _Blob(_sha256(manifest), len(manifest))
-            index = _json_bytes(_index(manifest_blob, full_ref, arch))
-            with open(tmp, "wb") as archive:
-                small_blobs = {config_blob.digest: config, manifest_blob.digest: manifest}
-                _write_layout(archive, index, small_blobs, layer.blob, layer_file, epoch)
-                archive.flush()
-                os.fsync(archive.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(out.parent)
+    with atomic_file(out) as tmp, tempfile.TemporaryFile(dir=out.parent) as layer_file:
+        layer = _write_layer(rootfs, layer_file, epoch)
+        config = _json_bytes(_image_config(layer.diff_id, arch, epoch, entrypoint, cmd, env, workdir))
+        config_blob = _Blob(_sha256(config), len(config))
+        manifest = _json_bytes(_manifest(config_blob, layer.blob))
+        manifest_blob = _Blob(_sha256(manifest), len(manifest))
+        index = _json_bytes(_index(manifest_blob, full_ref, arch))
+        with open(tmp, "wb") as archive:
+            small_blobs = {config_blob.digest: config, manifest_blob.digest: manifest}
+            _write_layout(archive, index, small_blobs, layer.blob, layer_file, epoch)
     return OciImage(
         ref=full_ref,
         archive=out,
@@ -389,14 +380,6 @@ def _archive_member(name: str, epoch: int, mode: int) -> tarfile.TarInfo:
     info.mode = mode
     info.mtime = epoch
     return info
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- inspect

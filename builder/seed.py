@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import io
-import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pycdlib
 
+from .artifacts import atomic_file
 from .bake import render
 
 SEED_FILES = ("user-data", "meta-data", "network-config")
@@ -35,11 +35,7 @@ def write_seed_iso(seed: Seed, out: Path) -> Path:
     for name, data in seed.files().items():
         iso_name = "/" + name.upper().replace("-", "_") + ".;1"
         iso.add_fp(io.BytesIO(data), len(data), iso_name, rr_name=name, joliet_path="/" + name)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_file(out) as tmp:
         iso.write(str(tmp))
         iso.close()
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out

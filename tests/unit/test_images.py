@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import write_tar
 
 from builder.errors import StrataError
 from builder.images import IMAGES_FIELD, ImageSpec, check_archives, image_specs, prepare_images
@@ -101,15 +102,6 @@ def _spec(archive: Path, ref: str, index: int = 0) -> ImageSpec:
     return ImageSpec(f"{IMAGES_FIELD}[{index}]", ref, False, None, archive)
 
 
-def _write_tar(path: Path, files: dict[str, bytes]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
-
-
 def _docker_archive(path: Path, tags: list[list[str]]) -> Path:
     """A docker-archive (docker save) with one image per entry of `tags`."""
     files: dict[str, bytes] = {}
@@ -126,7 +118,7 @@ def _docker_archive(path: Path, tags: list[list[str]]) -> Path:
         files[f"layer{n}/layer.tar"] = layer.getvalue()
         manifest.append({"Config": config_name, "RepoTags": repo_tags, "Layers": [f"layer{n}/layer.tar"]})
     files["manifest.json"] = json.dumps(manifest).encode()
-    return _write_tar(path, files)
+    return write_tar(path, files)
 
 
 def test_check_archives_accepts_an_oci_archive(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import write_tar
 
 from builder import oci
 from builder.errors import StrataError
@@ -77,14 +78,6 @@ def _layer_members(files: dict[str, bytes]) -> list[tarfile.TarInfo]:
     layer = _blob(files, manifest["layers"][0]["digest"])
     with tarfile.open(fileobj=io.BytesIO(gzip.decompress(layer))) as tar:
         return tar.getmembers()
-
-
-def _write_tar(path: Path, files: dict[str, bytes]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 def _sha256(data: bytes) -> str:
@@ -342,7 +335,7 @@ def test_inspect_falls_back_to_ref_name_annotation(rootfs: Path, tmp_path: Path)
     index = json.loads(files["index.json"])
     del index["manifests"][0]["annotations"]["io.containerd.image.name"]
     files["index.json"] = json.dumps(index).encode()
-    _write_tar(tmp_path / "edited.tar", files)
+    write_tar(tmp_path / "edited.tar", files)
     assert inspect_archive(tmp_path / "edited.tar").refs == ("2.10",)
 
 
@@ -361,7 +354,7 @@ def _docker_archive(path: Path) -> None:
             "Layers": ["abc/layer.tar"],
         }
     ]
-    _write_tar(
+    write_tar(
         path,
         {
             "manifest.json": json.dumps(manifest).encode(),
@@ -383,7 +376,7 @@ def test_inspect_docker_archive_with_missing_layer(tmp_path: Path) -> None:
     _docker_archive(archive)
     files = _read_archive(archive)
     del files["abc/layer.tar"]
-    _write_tar(archive, files)
+    write_tar(archive, files)
     with pytest.raises(StrataError, match=r"abc/layer.tar.*missing"):
         inspect_archive(archive)
 
@@ -397,7 +390,7 @@ def test_inspect_detects_corrupted_blob(rootfs: Path, tmp_path: Path, which: str
     original = files[name]
     files[name] = original[:-1] + bytes([original[-1] ^ 0xFF])
     corrupt = tmp_path / "corrupt.tar"
-    _write_tar(corrupt, files)
+    write_tar(corrupt, files)
     with pytest.raises(StrataError, match="digest mismatch") as error:
         inspect_archive(corrupt)
     assert str(corrupt) in str(error.value)
@@ -407,7 +400,7 @@ def test_inspect_detects_missing_blob(rootfs: Path, tmp_path: Path) -> None:
     image = _build(rootfs, tmp_path / "hello.tar")
     files = _read_archive(image.archive)
     del files["blobs/sha256/" + image.layer_digest.removeprefix("sha256:")]
-    _write_tar(tmp_path / "partial.tar", files)
+    write_tar(tmp_path / "partial.tar", files)
     with pytest.raises(StrataError, match="missing"):
         inspect_archive(tmp_path / "partial.tar")
 
@@ -422,7 +415,7 @@ def test_inspect_rejects_non_tar(tmp_path: Path) -> None:
 
 def test_inspect_rejects_tar_of_neither_format(tmp_path: Path) -> None:
     other = tmp_path / "app.tar"
-    _write_tar(other, {"hello.txt": b"hi"})
+    write_tar(other, {"hello.txt": b"hi"})
     with pytest.raises(StrataError, match="not an OCI or docker archive"):
         inspect_archive(other)
 

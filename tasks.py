@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from invoke.collection import Collection
 from invoke.context import Context
 from invoke.exceptions import Exit
 from invoke.tasks import task
@@ -91,16 +92,42 @@ def assemble(c: Context, definition: str | None = None) -> None:
         **DEF_HELP,
         "offline_only": "only the chroot suite",
         "firmware": "boot only this firmware (uefi|bios)",
+        "image": "verify this disk image (e.g. the Packer path's qcow2) instead of the definition's build",
+        "skip_iso": "do not install from the ISO (when the definition writes one)",
     }
 )
 @clean_errors
 def verify(
-    c: Context, definition: str | None = None, offline_only: bool = False, firmware: str | None = None
+    c: Context,
+    definition: str | None = None,
+    offline_only: bool = False,
+    firmware: str | None = None,
+    image: str | None = None,
+    skip_iso: bool = False,
 ) -> None:
-    """Phase 4: testinfra on the baked tree (chroot), then on the image booted under QEMU over SSH."""
+    """Phase 4: testinfra on the baked tree (chroot), then on the qcow2 booted under QEMU and on a disk
+    installed from the ISO, over SSH, once the agent reports ready."""
     from builder import verify as verify_mod
 
-    verify_mod.verify(_load(definition), booted=not offline_only, only_firmware=firmware)
+    if image:
+        verify_mod.verify_image(
+            _load(definition), Path(image), booted=not offline_only, only_firmware=firmware
+        )
+        return
+    verify_mod.verify(_load(definition), booted=not offline_only, only_firmware=firmware, iso=not skip_iso)
+
+
+@task(help=DEF_HELP)
+@clean_errors
+def iso(c: Context, definition: str | None = None) -> None:
+    """Write the hybrid installer ISO (BIOS and UEFI, CD or USB stick) with the other outputs: runs
+    assemble with `iso` added to the definition's formats."""
+    from builder import build as build_mod
+
+    defn = _load(definition)
+    if "iso" not in defn.data["disk"]["formats"]:
+        defn.data["disk"]["formats"].append("iso")
+    build_mod.assemble(defn)
 
 
 @task(help={**DEF_HELP, "skip_verify": "stop after assemble"})
@@ -152,3 +179,78 @@ def test(c: Context, args: str = "") -> None:
     print(f"tests finished in {time.monotonic() - start:.0f}s")
     if code:
         raise Exit(code=code)
+
+
+# ---------------------------------------------------------------- packer.* (the Packer path)
+
+PACKER_HELP = {
+    **DEF_HELP,
+    "base_url": "bake on this cloud image (URL or path) instead of strata's own base; needs --base-checksum",
+    "base_checksum": "the cloud image's checksum: sha256:HEX, sha512:HEX or file:URL-of-SHA256SUMS",
+}
+
+
+def _packer_base(base_url: str | None, base_checksum: str | None) -> Any:
+    from builder import packer
+
+    if base_url is None and base_checksum is None:
+        return None
+    if not (base_url and base_checksum):
+        raise StrataError(
+            "--base-url and --base-checksum go together: give both, or neither for strata's base"
+        )
+    return packer.cloud_base(base_url, base_checksum)
+
+
+def _packer_collection() -> Collection:
+    """The `packer` namespace; its tasks live here so they are not also top-level tasks."""
+
+    @task(help=PACKER_HELP)
+    @clean_errors
+    def render(
+        c: Context,
+        definition: str | None = None,
+        base_url: str | None = None,
+        base_checksum: str | None = None,
+    ) -> None:
+        """Render the Packer template (packer/strata.pkr.hcl.j2) for a definition and `packer validate` it."""
+        from builder import packer
+
+        template = packer.render(_load(definition), _packer_base(base_url, base_checksum))
+        if packer.packer_version() is None:
+            print(f"{template} (not validated: packer is not installed; apt-get install packer)")
+            return
+        packer.validate(template)
+        print(f"{template}: valid")
+
+    @task(
+        help={
+            **PACKER_HELP,
+            "skip_verify": "stop after the image is written",
+            "firmware": "verify only uefi|bios",
+        }
+    )
+    @clean_errors
+    def build(
+        c: Context,
+        definition: str | None = None,
+        base_url: str | None = None,
+        base_checksum: str | None = None,
+        skip_verify: bool = False,
+        firmware: str | None = None,
+    ) -> None:
+        """Bake the layers with Packer's qemu builder into artifacts/<name>-packer/, then verify the image."""
+        from builder import packer
+        from builder import verify as verify_mod
+
+        defn = _load(definition)
+        packer.build_image(defn, _packer_base(base_url, base_checksum))
+        if not skip_verify:
+            verify_mod.verify_image(defn, packer.image_path(defn), only_firmware=firmware)
+
+    return Collection("packer", render, build)
+
+
+# Keep this last: it collects every task defined above, then adds the packer.* namespace.
+ns = Collection.from_module(sys.modules[__name__])
+ns.add_collection(_packer_collection())

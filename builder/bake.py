@@ -1,7 +1,9 @@
 """Applying layers to a root filesystem through one bundle that runs the same in a chroot or a VM.
 
-A bundle is a folder: `run` (templates/bake/run), `env`, `images/` and `layers/NN-name/` each with
-`files/` (the layer's files plus its rendered templates), `install.d/` and `finalise.d/`.
+A bundle is a folder: `run` (templates/bake/run), `env`, `definition.json`, `packages` (the Debian
+packages the layers need, one a line), `images/` and `layers/NN-name/` each with `files/` (the layer's
+files plus its rendered templates), `install.d/` and `finalise.d/`. The chroot bake and the Packer
+path (builder/packer.py) run the same bundle.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import hashlib
 import json
 import shlex
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +23,11 @@ from .chroot import chroot_run, mounted
 from .definition import Definition, Layer
 from .errors import StrataError
 from .images import PreparedImage
+from .inputs import LayerInput
 from .log import info
 
 BAKE_DIR = "var/lib/strata/bake"
+IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc")  # left in a layer by running its tests
 PHASES = ("install.d", "finalise.d")
 
 
@@ -50,35 +55,63 @@ def bake_env(defn: Definition) -> dict[str, str]:
     return env
 
 
+def layer_packages(defn: Definition) -> list[str]:
+    """The Debian packages of the definition (os.packages) and of its enabled layers, in order."""
+    packages = list(defn.data["os"]["packages"])
+    for layer in defn.enabled_layers():
+        packages += layer.packages
+    return packages
+
+
 def render(template: str, context: dict[str, Any]) -> str:
     loader = jinja2.FileSystemLoader(str(TEMPLATES_DIR))
     jenv = jinja2.Environment(loader=loader, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     return jenv.get_template(template).render(**context)
 
 
-def _layer_into(bundle: Path, index: int, layer: Layer, defn: Definition) -> None:
+def _layer_into(bundle: Path, index: int, layer: Layer, defn: Definition) -> Path:
     dest = bundle / "layers" / f"{index:02d}-{layer.name}"
     dest.mkdir(parents=True)
     for part in ("files", *PHASES):
         if (layer.path / part).is_dir():
-            shutil.copytree(layer.path / part, dest / part, symlinks=True)
+            shutil.copytree(layer.path / part, dest / part, symlinks=True, ignore=IGNORED)
     context = {"definition": defn.data, "settings": defn.layer_settings(layer.name), "layer": layer.name}
     for target, template in layer.templates.items():
         out = dest / "files" / target.lstrip("/")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(render(template, context))
+    return dest
 
 
-def make_bundle(defn: Definition, bundle: Path, images: list[PreparedImage]) -> Path:
-    """Write the bundle for `defn`'s enabled layers and the prepared images."""
+def make_bundle(
+    defn: Definition,
+    bundle: Path,
+    images: list[PreparedImage],
+    inputs: Sequence[tuple[LayerInput, Path]] = (),
+    generated: dict[str, dict[str, str]] | None = None,
+) -> Path:
+    """Write the bundle for `defn`'s enabled layers, their fetched inputs, the files generated for
+    them ({layer: {path in the image: text}}) and the prepared images."""
     shutil.rmtree(bundle, ignore_errors=True)
     bundle.mkdir(parents=True)
     shutil.copy2(TEMPLATES_DIR / "bake" / "run", bundle / "run")
     env = bake_env(defn)
     (bundle / "env").write_text("".join(f"{k}={shlex.quote(v)}\n" for k, v in sorted(env.items())))
     (bundle / "definition.json").write_text(defn.to_json())
+    (bundle / "packages").write_text("".join(f"{p}\n" for p in dict.fromkeys(layer_packages(defn))))
+    folders = {}
     for index, layer in enumerate(defn.enabled_layers()):
-        _layer_into(bundle, index, layer, defn)
+        folders[layer.name] = _layer_into(bundle, index, layer, defn)
+    for item, cached in inputs:
+        target = folders[item.layer] / "files" / item.dest.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(cached, target)
+        target.chmod(item.mode)
+    for layer_name, files in (generated or {}).items():
+        for dest, text in files.items():
+            target = folders[layer_name] / "files" / dest.lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
     if images:
         (bundle / "images").mkdir()
         rows = []
@@ -106,7 +139,11 @@ def bake_chroot(rootfs: Path, bundle: Path) -> None:
 def layer_digest(layer: Layer) -> str:
     """sha256 over a layer folder's files (paths, modes and contents) and the templates it renders."""
     h = hashlib.sha256()
-    files = [(str(p.relative_to(layer.path)), p) for p in sorted(layer.path.rglob("*")) if p.is_file()]
+    files = [
+        (str(p.relative_to(layer.path)), p)
+        for p in sorted(layer.path.rglob("*"))
+        if p.is_file() and "__pycache__" not in p.parts
+    ]
     files += [(f"templates/{t}", TEMPLATES_DIR / t) for t in sorted(layer.templates.values())]
     for name, path in files:
         h.update(json.dumps([name, path.stat().st_mode]).encode())

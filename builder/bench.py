@@ -1,4 +1,6 @@
-"""`invoke bench`: each phase cold (empty caches) and warm (package cache kept), sizes, boot-to-SSH time."""
+"""`invoke bench`: each phase cold (empty caches) and warm (package cache kept), sizes, and the time
+from power-on to SSH and to the agent's `ready` on each firmware; then the Packer backend's build time
+beside the chroot one."""
 
 from __future__ import annotations
 
@@ -47,6 +49,22 @@ def _measure(defn: Definition) -> dict[str, Any]:
     return out
 
 
+def _measure_packer(defn: Definition) -> dict[str, Any]:
+    """The Packer backend's build after the chroot runs (package cache warm): strata's base (os layer,
+    chroot path), the layer bundle, `packer build` and the outputs, each in seconds."""
+    from . import packer
+
+    before = received_bytes()
+    total = _timed(lambda: packer.build_image(defn))
+    manifest = json.loads((packer.output_dir(defn) / "manifest.json").read_text())
+    return {
+        "total": total,
+        "mb_received": round((received_bytes() - before) / 1e6, 1),
+        "phases": {name: phase["seconds"] for name, phase in manifest["phases"].items()},
+        "sizes_mib": {name: round(a["size"] / 2**20, 1) for name, a in manifest["artifacts"].items()},
+    }
+
+
 def run(defn: Definition) -> dict[str, Any]:
     root = ROOT / "artifacts" / ".bench"
     shutil.rmtree(root, ignore_errors=True)
@@ -61,9 +79,14 @@ def run(defn: Definition) -> dict[str, Any]:
                 results[temperature] = _measure(defn)
         out = build.output_dir(defn)
         results["sizes_mib"] = {p.name: round(p.stat().st_size / 2**20, 1) for p in sorted(out.iterdir())}
-        results["boot_to_ssh_s"] = verify.verify(defn, booted=True)
+        results["boot_s"] = verify.verify(defn, booted=True, parallel=1)  # one VM at a time: clean times
         accel_file = build.work_dir(defn) / "verify" / "boot-times.json"
         results["accel"] = json.loads(accel_file.read_text())["accel"]
+        if shutil.which("packer"):
+            with step("bench: packer backend"):
+                results["packer"] = _measure_packer(defn)
+        else:
+            info("packer is not installed (apt-get install packer): the Packer backend is not timed")
     finally:
         os.environ.pop("STRATA_ARTIFACTS")
         os.environ.pop("STRATA_CACHE")
@@ -83,5 +106,15 @@ def print_table(r: dict[str, Any]) -> None:
         print(f"{name:<10}{r['cold'][name]:>10}{r['cold'][mb]:>12}{r['warm'][name]:>10}{r['warm'][mb]:>12}")
     for name, size in r["sizes_mib"].items():
         print(f"{name}: {size} MiB")
-    for firmware, seconds in r["boot_to_ssh_s"].items():
-        print(f"boot to SSH ({firmware}, {r['accel']}): {seconds:.1f}s")
+    for firmware, times in r["boot_s"].items():
+        for what, seconds in times.items():
+            print(f"boot to {what} ({firmware}, {r['accel']}): {seconds:.1f}s")
+    if "packer" in r:
+        chroot = sum(r["warm"][name] for name, _ in PHASES)
+        parts = " + ".join(f"{name} {r['warm'][name]}" for name, _ in PHASES)
+        print(f"\n{'backend':<10}{'build (s)':>10}  parts (s)")
+        print(f"{'chroot':<10}{chroot:>10.1f}  {parts} (warm)")
+        parts = " + ".join(f"{name} {seconds}" for name, seconds in r["packer"]["phases"].items())
+        print(f"{'packer':<10}{r['packer']['total']:>10.1f}  {parts}")
+        for name, size in r["packer"]["sizes_mib"].items():
+            print(f"{name}: {size} MiB")

@@ -13,7 +13,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from . import bake, disk, host, images, rootfs
+from . import apps, bake, disk, host, images, inputs, iso, rootfs
 from .artifacts import artifacts_root, atomic_file, sha256_file, staged_output, write_sha256sums
 from .chroot import chroot_run
 from .definition import Definition
@@ -46,7 +46,7 @@ def record_phase(defn: Definition, phase: str, seconds: float, **extra: Any) -> 
     state = load_state(defn)
     state["phases"][phase] = {"seconds": round(seconds, 1), **extra}
     if phase == "prepare":
-        state["definition_digest"] = defn.digest()
+        state["definition_digest"] = defn.tree_digest()
     save_state(defn, state)
 
 
@@ -60,16 +60,20 @@ def forget_phase(defn: Definition, phase: str) -> None:
 
 
 def os_packages(defn: Definition) -> list[str]:
-    packages = list(defn.data["os"]["packages"])
-    for layer in defn.enabled_layers():
-        packages += layer.packages
-    return packages
+    return bake.layer_packages(defn)
 
 
 def image_specs(defn: Definition) -> list[images.ImageSpec]:
     if not defn.data["layers"].get("containerd", {}).get("enabled"):
         return []
     return images.image_specs(defn.layer_settings("containerd"))
+
+
+def app_files(defn: Definition, specs: list[images.ImageSpec]) -> list[apps.AppFile]:
+    """The apps layer's manifests and charts, checked to use preloaded images only."""
+    files = apps.app_files(defn)
+    apps.check_images(files, [spec.ref for spec in specs])
+    return files
 
 
 def download(defn: Definition) -> None:
@@ -80,6 +84,8 @@ def download(defn: Definition) -> None:
     with step("download"):
         specs = image_specs(defn)
         images.check_archives(specs)
+        app_files(defn, specs)
+        inputs.fetch_inputs(defn)
         wanted = os_packages(defn) + [p for s in specs if s.build for p in s.build.get("packages", [])]
         rootfs.download_packages(defn.data["os"], wanted)
     record_phase(defn, "download", time.monotonic() - start)
@@ -93,9 +99,7 @@ def prepare(defn: Definition) -> None:
     forget_phase(defn, "prepare")
     start = time.monotonic()
     with step("prepare"):
-        with step("container images"):
-            prepared = images.prepare_images(defn.data["os"], image_specs(defn), work)
-        bundle = bake.make_bundle(defn, work / "bundle", prepared)
+        bundle = layer_bundle(defn, work)
         tree = work / "rootfs"
         with step(f"root filesystem (Debian {defn.data['os']['suite']})"):
             rootfs.create_rootfs(defn.data["os"], tree, os_packages(defn))
@@ -103,10 +107,21 @@ def prepare(defn: Definition) -> None:
             bake.bake_chroot(tree, bundle)
         packages = chroot_run(tree, ["dpkg-query", "-W", "-f", "${Package}\t${Version}\t${Architecture}\n"])
         (work / "packages.txt").write_text(packages + "\n")
-        (work / "images.json").write_text(
-            json.dumps([{"ref": i.ref, "digest": i.digest} for i in prepared], indent=2)
-        )
     record_phase(defn, "prepare", time.monotonic() - start)
+
+
+def layer_bundle(defn: Definition, work: Path) -> Path:
+    """The enabled layers as one bundle in `work`/bundle (their container images, fetched inputs and
+    generated files included), with `work`/images.json; the chroot bake and the Packer path both run it."""
+    specs = image_specs(defn)
+    generated = {"apps": apps.bundle_files(app_files(defn, specs))} if apps.enabled(defn) else {}
+    with step("container images"):
+        prepared = images.prepare_images(defn.data["os"], specs, work)
+    bundle = bake.make_bundle(defn, work / "bundle", prepared, inputs.fetch_inputs(defn), generated)
+    (work / "images.json").write_text(
+        json.dumps([{"ref": i.ref, "digest": i.digest} for i in prepared], indent=2)
+    )
+    return bundle
 
 
 def _versions(work: Path) -> dict[str, str]:
@@ -134,7 +149,7 @@ def assemble(defn: Definition) -> Path:
         raise StrataError(
             f"nothing prepared for '{defn.data['name']}': run `invoke prepare` (or `invoke build`) first"
         )
-    if state.get("definition_digest") != defn.digest():
+    if state.get("definition_digest") != defn.tree_digest():
         raise StrataError("the definition changed since `invoke prepare`; run `invoke prepare` again")
     name = defn.data["name"]
     ids = disk.DiskIds.derive(f"{name}:{defn.digest()}")
@@ -144,43 +159,70 @@ def assemble(defn: Definition) -> Path:
         raw = out / f"{name}.raw"
         with step("raw disk image"):
             disk.assemble_raw(tree, work, raw, ids, defn.data["disk"]["size"], defn.data["disk"]["firmware"])
-        names = [raw.name]
-        if "qcow2" in defn.data["disk"]["formats"]:
-            with step("qcow2 (compressed)"):
-                disk.to_qcow2(raw, out / f"{name}.qcow2")
-            names.append(f"{name}.qcow2")
-        if "raw" not in defn.data["disk"]["formats"]:
-            raw.unlink()
-            names.remove(raw.name)
-        shutil.copyfile(work / "packages.txt", out / "packages.txt")
+        iso_names = []
+        if "iso" in defn.data["disk"]["formats"]:
+            with step("installer ISO"):
+                iso.build_iso(defn, tree, raw, out / f"{name}.iso", work / "iso")
+            iso_names.append(f"{name}.iso")
+        names = disk_formats(defn, raw) + iso_names
         phases = dict(load_state(defn)["phases"])
         phases["assemble"] = {"seconds": round(time.monotonic() - start, 1)}
-        manifest = {
-            "strata": VERSION,
-            "name": name,
-            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "build_host": platform.node(),
-            "definition": json.loads(defn.to_json()),
-            "definition_digest": defn.digest(),
-            "versions": {"debian": defn.data["os"]["suite"], **_versions(work)},
-            "layers": [
-                {"name": layer.name, "order": layer.order, "sha256": bake.layer_digest(layer)}
-                for layer in defn.enabled_layers()
-            ],
-            "images": json.loads((work / "images.json").read_text()),
-            "disk": {
-                "root_fs_uuid": ids.root_fs,
-                "disk_guid": ids.disk,
-                "firmware": defn.data["disk"]["firmware"],
-            },
-            "phases": phases,
-            "artifacts": {
-                n: {"size": (out / n).stat().st_size, "sha256": sha256_file(out / n)} for n in names
-            },
+        disk_info = {
+            "root_fs_uuid": ids.root_fs,
+            "disk_guid": ids.disk,
+            "firmware": defn.data["disk"]["firmware"],
         }
-        (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        write_sha256sums(out, [*names, "manifest.json", "packages.txt"])
+        write_manifest(defn, out, names, work, phases, disk_info)
     record_phase(defn, "assemble", time.monotonic() - start)
     for n in names:
         info(f"{output_dir(defn) / n}: {(output_dir(defn) / n).stat().st_size / 2**20:.0f} MiB")
     return output_dir(defn)
+
+
+def disk_formats(defn: Definition, raw: Path) -> list[str]:
+    """The definition's disk formats made from the raw disk `raw` (in a staging folder): their names.
+    qcow2 is zlib-compressed; the raw disk goes unless `raw` is one of the formats."""
+    names = [raw.name]
+    if "qcow2" in defn.data["disk"]["formats"]:
+        qcow2 = raw.with_suffix(".qcow2")
+        with step("qcow2 (compressed)"):
+            disk.to_qcow2(raw, qcow2)
+        names.append(qcow2.name)
+    if "raw" not in defn.data["disk"]["formats"]:
+        raw.unlink()
+        names.remove(raw.name)
+    return names
+
+
+def write_manifest(
+    defn: Definition,
+    out: Path,
+    names: list[str],
+    work: Path,
+    phases: dict[str, Any],
+    disk_info: dict[str, Any],
+    **extra: Any,
+) -> None:
+    """packages.txt (from `work`), manifest.json and SHA256SUMS in the staging folder `out`, whichever
+    backend baked the disks `names`; `extra` adds top-level manifest keys (the Packer path's base)."""
+    shutil.copyfile(work / "packages.txt", out / "packages.txt")
+    manifest = {
+        "strata": VERSION,
+        "name": defn.data["name"],
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "build_host": platform.node(),
+        "definition": json.loads(defn.to_json()),
+        "definition_digest": defn.digest(),
+        "versions": {"debian": defn.data["os"]["suite"], **_versions(work)},
+        "layers": [
+            {"name": layer.name, "order": layer.order, "sha256": bake.layer_digest(layer)}
+            for layer in defn.enabled_layers()
+        ],
+        "images": json.loads((work / "images.json").read_text()),
+        "disk": disk_info,
+        "phases": phases,
+        "artifacts": {n: {"size": (out / n).stat().st_size, "sha256": sha256_file(out / n)} for n in names},
+        **extra,
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    write_sha256sums(out, [*names, "manifest.json", "packages.txt"])

@@ -120,10 +120,38 @@ SETTINGS: Final[tuple[Field, ...]] = (
                 allow_auto=True,
             ),
             _choice_list(
-                "formats", "Image formats to write.", ("raw", "qcow2"), ["raw", "qcow2"], non_empty=True
+                "formats",
+                "Image formats to write (iso: a hybrid installer ISO for CD and USB stick).",
+                ("raw", "qcow2", "iso"),
+                ["raw", "qcow2", "iso"],
+                non_empty=True,
             ),
             _choice_list(
                 "firmware", "Firmware the image boots with.", _FIRMWARE, list(_FIRMWARE), non_empty=True
+            ),
+        ),
+    ),
+    Field(
+        "iso",
+        "object",
+        "The installer ISO (when disk.formats lists iso).",
+        fields=(
+            Field(
+                "timeout", "int", "Seconds the boot menu waits before its default, Install.", default=5, min=0
+            ),
+            Field(
+                "install_target",
+                "str",
+                "Install unattended to this disk: a path, a /dev/disk/by-id name or largest-empty; "
+                "empty asks on the console (a seed's strata-install.conf can also name it).",
+                default="",
+                pattern=r"(largest-empty|/dev/[A-Za-z0-9/_.:+-]+|[A-Za-z0-9_.:+-]+)?",
+            ),
+            Field(
+                "install_force",
+                "bool",
+                "Let an unattended install erase a disk that holds partitions or a filesystem.",
+                default=False,
             ),
         ),
     ),
@@ -135,6 +163,20 @@ SETTINGS: Final[tuple[Field, ...]] = (
             Field("memory", "int", "VM memory in MiB.", default=2048, min=512),
             Field("cpus", "int", "VM CPU count.", default=2, min=1),
             Field("boot_timeout", "int", "Seconds to wait for the appliance to come up.", default=900, min=1),
+            Field(
+                "parallel",
+                "int",
+                "VMs verify boots at once (qcow2 and ISO installs, per firmware); bench uses 1.",
+                default=2,
+                min=1,
+            ),
+            Field(
+                "ready_timeout",
+                "int",
+                "Seconds from power-on to wait for the agent to reach `ready` (activation from the seed).",
+                default=1800,
+                min=1,
+            ),
             Field(
                 "accel",
                 "str",
@@ -168,6 +210,23 @@ _LAYER_META: Final = Field(
         Field("settings", "map", default={}),
         Field("requires", "list", default=[], items=Field("layer", "str", pattern=_LAYER_NAME)),
         Field("templates", "map", default={}, items=_STR_ITEM),
+        Field(
+            "fetch",
+            "list",
+            default=[],
+            items=Field(
+                "input",
+                "object",
+                fields=(
+                    Field("name", "str", required=True),
+                    Field("url", "str", required=True),
+                    Field("sha256", "str", required=True),
+                    Field("dest", "str", required=True, pattern=r"/.+"),
+                    Field("mode", "str", default="0644", pattern=r"0[0-7]{3}"),
+                    Field("when", "str", default=""),
+                ),
+            ),
+        ),
     ),
 )
 
@@ -222,6 +281,8 @@ class Layer:
     settings: tuple[Field, ...] = ()
     requires: list[str] = dataclass_field(default_factory=list)
     templates: dict[str, str] = dataclass_field(default_factory=dict)  # target path -> template
+    # remote inputs: name, url, sha256 (Jinja over the layer's settings), dest in the image, mode
+    fetch: list[dict[str, str]] = dataclass_field(default_factory=list)
 
 
 def layer_field(layer: Layer) -> Field:
@@ -270,6 +331,7 @@ def _read_layer(folder: Path) -> Layer:
         settings=settings,
         requires=meta["requires"],
         templates=_checked_templates(file, meta["templates"]),
+        fetch=meta["fetch"],
     )
 
 
@@ -400,6 +462,11 @@ class Definition:
     def digest(self) -> str:
         """sha256 of `to_json()`: identifies what an image was baked from."""
         return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+    def tree_digest(self) -> str:
+        """sha256 of what the prepared tree depends on (not output formats, ISO or verify settings)."""
+        keep = {key: self.data[key] for key in ("schema", "name", "os", "layers") if key in self.data}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def load_definition(

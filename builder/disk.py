@@ -30,6 +30,7 @@ ROOT_START = ESP_START + ESP_SIZE
 GPT_BACKUP = 1 * MiB  # room for the backup GPT at the end
 GRUB_MODULES = [
     *("part_gpt", "part_msdos", "ext2", "fat", "iso9660", "search", "search_fs_uuid", "search_label"),
+    "search_fs_file",
     *("normal", "configfile", "linux", "echo", "test", "serial", "terminal", "gzio", "sleep", "all_video"),
 ]
 GRUB_PLATFORM_MODULES = {"i386-pc": ["biosdisk"], "x86_64-efi": ["efi_gop"]}
@@ -111,34 +112,34 @@ def write_boot_config(rootfs: Path, ids: DiskIds, cmdline: list[str], title: str
     (rootfs / "boot" / "efi").mkdir(parents=True, exist_ok=True)
 
 
-def grub_images(rootfs: Path, ids: DiskIds, work: Path) -> dict[str, Path]:
-    """GRUB for BIOS (core.img) and UEFI (BOOTX64.EFI), with an embedded config that finds the root."""
-    early = f"search --no-floppy --fs-uuid --set=root {ids.root_fs}\nconfigfile ($root)/boot/grub/grub.cfg\n"
+def grub_mkimage(
+    rootfs: Path, images: dict[str, tuple[str, Path]], early: str, modules: list[str] | None = None
+) -> None:
+    """GRUB images from the tree's own GRUB: {platform: (name, out)}, each with `early` embedded and
+    `modules` (default: GRUB_MODULES and the platform's own)."""
     tmp = rootfs / "tmp" / "strata-grub"
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "early.cfg").write_text(early)
-    out: dict[str, Path] = {}
     try:
-        for platform, name in (("i386-pc", "core.img"), ("x86_64-efi", "BOOTX64.EFI")):
-            modules = GRUB_MODULES + GRUB_PLATFORM_MODULES[platform]
-            cmd = [
-                "grub-mkimage",
-                "-O",
-                platform,
-                "-o",
-                f"/tmp/strata-grub/{name}",
-                "-c",
-                "/tmp/strata-grub/early.cfg",
-            ]
-            chroot_run(rootfs, [*cmd, "-p", "/boot/grub", *modules], what=f"grub-mkimage ({platform})")
-            out[platform] = work / name
-            (tmp / name).replace(out[platform])
-        out["boot.img"] = work / "boot.img"
-        out["boot.img"].write_bytes((rootfs / "usr/lib/grub/i386-pc/boot.img").read_bytes())
+        for platform, (name, out) in images.items():
+            wanted = modules or GRUB_MODULES + GRUB_PLATFORM_MODULES[platform]
+            cmd = ["grub-mkimage", "-O", platform, "-o", f"/tmp/strata-grub/{name}"]
+            cmd += ["-c", "/tmp/strata-grub/early.cfg", "-p", "/boot/grub", *wanted]
+            chroot_run(rootfs, cmd, what=f"grub-mkimage ({platform})")
+            (tmp / name).replace(out)
     finally:
         for f in tmp.iterdir():
             f.unlink()
         tmp.rmdir()
+
+
+def grub_images(rootfs: Path, ids: DiskIds, work: Path) -> dict[str, Path]:
+    """GRUB for BIOS (core.img) and UEFI (BOOTX64.EFI), with an embedded config that finds the root."""
+    early = f"search --no-floppy --fs-uuid --set=root {ids.root_fs}\nconfigfile ($root)/boot/grub/grub.cfg\n"
+    out = {"i386-pc": work / "core.img", "x86_64-efi": work / "BOOTX64.EFI"}
+    grub_mkimage(rootfs, {platform: (path.name, path) for platform, path in out.items()}, early)
+    out["boot.img"] = work / "boot.img"
+    out["boot.img"].write_bytes((rootfs / "usr/lib/grub/i386-pc/boot.img").read_bytes())
     return out
 
 

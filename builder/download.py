@@ -136,7 +136,8 @@ def _download(
         except (_TransientFailure, *_TRANSIENT_ERRORS) as error:
             if attempt >= retries:
                 raise StrataError(
-                    f"{remote.name}: could not download {remote.url} after {attempt + 1} attempts: {error}"
+                    f"{remote.name}: could not download {remote.url} after {attempt + 1} attempts: {error}; "
+                    "check the network, or use a reachable mirror (e.g. STRATA_MIRROR for K3s)"
                 ) from error
             delay = backoff * 2**attempt
             log.info(f"{remote.name}: {error}; retrying in {delay:g}s")

@@ -20,6 +20,14 @@ TOOL_PACKAGES: dict[str, str] = {
     "qemu-system-x86_64": "qemu-system-x86",
     "ssh": "openssh-client",
     "ssh-keygen": "openssh-client",
+    "packer": "packer",
+    "losetup": "mount",
+    "mount": "mount",
+    "partx": "util-linux",
+    "blkid": "util-linux",
+    "blockdev": "util-linux",
+    "mksquashfs": "squashfs-tools",
+    "xorriso": "xorriso",
 }
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")

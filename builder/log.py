@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-_depth = 0
+_local = threading.local()  # nesting depth per thread (verify boots VMs in parallel threads)
+
+
+def _depth() -> int:
+    return int(getattr(_local, "depth", 0))
 
 
 def _stamp() -> str:
@@ -15,22 +20,21 @@ def _stamp() -> str:
 
 
 def info(message: str) -> None:
-    print(f"{_stamp()} {'  ' * _depth}{message}", file=sys.stderr, flush=True)
+    print(f"{_stamp()} {'  ' * _depth()}{message}", file=sys.stderr, flush=True)
 
 
 @contextmanager
 def step(name: str) -> Iterator[None]:
     """Log the start, end and elapsed time of a step."""
-    global _depth
     info(f"▶ {name}")
     start = time.monotonic()
-    _depth += 1
+    _local.depth = _depth() + 1
     ok = False
     try:
         yield
         ok = True
     finally:
-        _depth -= 1
+        _local.depth = _depth() - 1
         elapsed = time.monotonic() - start
         info(f"{'✔' if ok else '✘'} {name} ({elapsed:.1f}s)")
 
@@ -53,7 +57,7 @@ class Progress:
             pct = min(100, self.done * 100 // self.total)
             line = f"{self.label}: {pct}% ({self.done / 2**20:.0f}/{self.total / 2**20:.0f} MiB)"
             if self._tty:
-                print(f"\r{'  ' * _depth}{line}", end="", file=sys.stderr, flush=True)
+                print(f"\r{'  ' * _depth()}{line}", end="", file=sys.stderr, flush=True)
             else:
                 info(line)
 

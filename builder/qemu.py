@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,12 +79,13 @@ def choose_accel(requested: str, kernel: Path | None = None, initrd: Path | None
             raise StrataError("verify.accel is kvm but /dev/kvm is missing or not writable; use auto or tcg")
         info("/dev/kvm not usable: using TCG (software emulation)")
         return "tcg"
-    if kernel is None:
-        return "kvm"
     cache = cache_root() / "accel-probe.json"
     key = f"{os.uname().release} {qemu_version()}"
     known = json.loads(cache.read_text()) if cache.exists() else {}
+    if kernel is None and key not in known:
+        return "kvm"  # no kernel to probe with, and no earlier probe on this host
     if key not in known:
+        assert kernel is not None
         known[key] = probe_kvm(kernel, initrd)
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(known, indent=1))
@@ -97,10 +99,20 @@ def choose_accel(requested: str, kernel: Path | None = None, initrd: Path | None
     return "tcg"
 
 
+_ports_lock = threading.Lock()
+_ports_given: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free TCP port on 127.0.0.1, never the same twice in this process (VMs start in parallel)."""
+    with _ports_lock:
+        while True:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = int(s.getsockname()[1])
+            if port not in _ports_given:
+                _ports_given.add(port)
+                return port
 
 
 @dataclass
@@ -115,8 +127,11 @@ class VM:
     cpus: int = 2
     disk_size: int | None = None  # grow the overlay to this many bytes
     seed_iso: Path | None = None
+    cdroms: list[Path] = field(default_factory=list)  # attached before the seed, e.g. an installer ISO
     extra_drives: list[Path] = field(default_factory=list)
+    forward: tuple[int, ...] = ()  # guest TCP ports forwarded to free host ports (see `ports`)
     ssh_port: int = field(default_factory=free_port)
+    ports: dict[int, int] = field(default_factory=dict)  # guest port -> host port on 127.0.0.1
     proc: subprocess.Popen[bytes] | None = None
     started: float = 0.0
 
@@ -162,7 +177,10 @@ class VM:
             "-drive",
             f"file={overlay},if=virtio,format=qcow2,discard=unmap",
             "-netdev",
-            f"user,id=net0,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
+            ",".join(
+                [f"user,id=net0,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22"]
+                + [f"hostfwd=tcp:127.0.0.1:{host}-:{guest}" for guest, host in self.ports.items()]
+            ),
             "-device",
             "virtio-net-pci,netdev=net0",
             "-device",
@@ -180,14 +198,15 @@ class VM:
                 "-drive",
                 f"if=pflash,format=raw,file={vars_copy}",
             ]
-        if self.seed_iso:
-            cmd += ["-drive", f"file={self.seed_iso},media=cdrom,readonly=on"]
+        for cdrom in [*self.cdroms, *([self.seed_iso] if self.seed_iso else [])]:
+            cmd += ["-drive", f"file={cdrom},media=cdrom,readonly=on"]
         for drive in self.extra_drives:
             cmd += ["-drive", f"file={drive},if=virtio,format=raw"]
         return cmd
 
     def start(self) -> VM:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.ports = {guest: free_port() for guest in self.forward}
         cmd = self._command()
         info(f"booting {self.base.name} ({self.firmware}, {self.accel}), ssh on 127.0.0.1:{self.ssh_port}")
         self.started = time.monotonic()

@@ -6,8 +6,10 @@ import io
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pycdlib
+import yaml
 
 from .artifacts import atomic_file
 from .bake import render
@@ -22,19 +24,33 @@ class Seed:
     password_hash: str = ""
     root_login: bool = True
     instance_id: str = field(default_factory=lambda: f"iid-{uuid.uuid4()}")
+    activation: dict[str, Any] | None = None  # strata-agent's activation.yaml, read from this medium
+    install: dict[str, str] | None = None  # the ISO installer's strata-install.conf (target=, force=)
+    default_user: bool = True  # False: cloud-init creates no default user (a Packer build VM)
 
     def files(self) -> dict[str, bytes]:
         context = vars(self)
-        return {name: render(f"cloud-init/{name}.j2", context).encode() for name in SEED_FILES}
+        files = {name: render(f"cloud-init/{name}.j2", context).encode() for name in SEED_FILES}
+        if self.activation is not None:
+            files["activation.yaml"] = yaml.safe_dump(self.activation, sort_keys=False).encode()
+        if self.install is not None:
+            files["strata-install.conf"] = "".join(f"{k}={v}\n" for k, v in self.install.items()).encode()
+        return files
 
 
-def write_seed_iso(seed: Seed, out: Path) -> Path:
-    """Write the seed ISO atomically to `out`."""
+def _iso_name(name: str) -> str:
+    stem, _, suffix = name.upper().replace("-", "_").partition(".")
+    return f"/{stem}.{suffix};1"
+
+
+def write_seed_iso(seed: Seed, out: Path, extra: dict[str, Path] | None = None) -> Path:
+    """Write the seed ISO atomically to `out`; `extra` adds files by name from paths (read as it writes)."""
     iso = pycdlib.PyCdlib()
     iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident="cidata")
     for name, data in seed.files().items():
-        iso_name = "/" + name.upper().replace("-", "_") + ".;1"
-        iso.add_fp(io.BytesIO(data), len(data), iso_name, rr_name=name, joliet_path="/" + name)
+        iso.add_fp(io.BytesIO(data), len(data), _iso_name(name), rr_name=name, joliet_path="/" + name)
+    for name, path in (extra or {}).items():
+        iso.add_file(str(path), _iso_name(name), rr_name=name, joliet_path="/" + name)
     with atomic_file(out) as tmp:
         iso.write(str(tmp))
         iso.close()

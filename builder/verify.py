@@ -7,10 +7,12 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from . import ROOT, build, host
+from . import ROOT, apps, build, host
 from .definition import Definition
 from .errors import StrataError
 from .log import info, step
@@ -21,17 +23,66 @@ SUITE = ROOT / "tests" / "image"
 GROW_BY = 2 << 30  # the test disk is this much larger than the image, to prove the root grows
 
 
+def agent_enabled(defn: Definition) -> bool:
+    return bool(defn.data["layers"].get("agent", {}).get("enabled"))
+
+
 def _context(defn: Definition, mode: str, **extra: Any) -> dict[str, Any]:
     """What the suite checks the image against (tests/image reads it from STRATA_VERIFY_CONTEXT)."""
     specs = build.image_specs(defn)
+    layers = defn.data["layers"]
     return {
         "mode": mode,
         "hostname": defn.data["os"]["hostname"],
         "images": [s.ref for s in specs],
         "sandbox_image": next((s.ref for s in specs if s.sandbox), None),
         "security_mirror": defn.data["os"]["security_mirror"],
+        "layers": [layer.name for layer in defn.enabled_layers()],
+        "k3s": defn.layer_settings("k3s") if layers.get("k3s", {}).get("enabled") else None,
+        "agent": defn.layer_settings("agent") if agent_enabled(defn) else None,
+        "apps": [f.name for f in apps.app_files(defn)],
         **extra,
     }
+
+
+def activation_for(defn: Definition, ssh_key: str) -> dict[str, Any]:
+    """The activation a verify boot gets from its seed: the definition's hostname, our key for the admin."""
+    settings = defn.layer_settings("agent")
+    return {
+        "hostname": defn.data["os"]["hostname"],
+        "domain": settings["domain"],
+        "admin": {"user": settings["admin_user"], "ssh_keys": [ssh_key]},
+    }
+
+
+def agent_status(port: int, timeout: float = 10) -> dict[str, Any] | None:
+    """GET /status from the agent through a forwarded port; None while it does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=timeout) as response:
+            return dict(json.loads(response.read()))
+    except (OSError, ValueError):
+        return None
+
+
+def wait_ready(vm: VM, port: int, timeout: float) -> float:
+    """Seconds from power-on until the agent reports `ready`; raises on `failed` or timeout."""
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] | None = None
+    while time.monotonic() < deadline:
+        if not vm.alive():
+            raise StrataError(
+                f"the VM exited before the agent was ready; serial console:\n{vm.serial_tail()}"
+            )
+        last = agent_status(port) or last
+        if last and last.get("state") == "ready":
+            return time.monotonic() - vm.started
+        if last and last.get("state") == "failed":
+            raise StrataError(f"activation failed ({vm.firmware}): {json.dumps(last, indent=2)}")
+        time.sleep(3)
+    raise StrataError(
+        f"the agent was not ready after {timeout:.0f}s ({vm.firmware}); last status: "
+        f"{json.dumps(last, indent=2)}\nserial console:\n{vm.serial_tail()}"
+    )
 
 
 def run_suite(target: list[str], context: dict[str, Any], workdir: Path) -> None:
@@ -108,15 +159,51 @@ def virtual_size(image: Path) -> int:
     return int(json.loads(out.stdout)["virtual-size"])
 
 
-def boot_and_test(defn: Definition, image: Path, firmware: str, accel: str, workdir: Path) -> float:
-    """Boot `image` on `firmware` with a fresh seed, run the suite over SSH; returns boot-to-SSH seconds."""
+def wait_installed(vm: VM, timeout: float) -> float:
+    """Seconds from power-on until the ISO's installer reports it is done (it then reboots)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        console = vm.serial_log.read_bytes().decode(errors="replace") if vm.serial_log.exists() else ""
+        if "strata-install: done" in console:
+            return time.monotonic() - vm.started
+        if "strata-install: FAILED" in console or "a shell follows" in console:
+            raise StrataError(
+                f"the ISO install failed ({vm.firmware}); serial console:\n{vm.serial_tail(40)}"
+            )
+        if not vm.alive():
+            raise StrataError(f"the VM exited during the install; serial console:\n{vm.serial_tail()}")
+        time.sleep(3)
+    raise StrataError(
+        f"no finished install after {timeout:.0f}s ({vm.firmware}); serial:\n{vm.serial_tail()}"
+    )
+
+
+def boot_and_test(
+    defn: Definition, image: Path, firmware: str, accel: str, workdir: Path, installer: Path | None = None
+) -> dict[str, float]:
+    """Boot `image` on `firmware` with a fresh seed (activation included), wait for SSH and for the
+    agent's `ready`, then run the suite over SSH; returns the seconds to SSH and to ready.
+
+    With `installer` (the ISO), boot it instead with a blank disk as large as the qcow2 test disk;
+    the seed's strata-install.conf makes the install unattended, and the suite runs on the installed
+    system after its reboot."""
     workdir.mkdir(parents=True, exist_ok=True)
     key, ssh_config = make_ssh_key(workdir)
+    public_key = Path(f"{key}.pub").read_text().strip()
+    activation = activation_for(defn, public_key) if agent_enabled(defn) else None
     seed = Seed(
-        hostname=defn.data["os"]["hostname"], ssh_authorized_keys=[Path(f"{key}.pub").read_text().strip()]
+        hostname=defn.data["os"]["hostname"],
+        ssh_authorized_keys=[public_key],
+        activation=activation,
+        install={"target": "largest-empty"} if installer else None,
     )
     seed_iso = write_seed_iso(seed, workdir / "seed.iso")
     vcfg = defn.data["verify"]
+    api_port = defn.layer_settings("agent")["api_port"] if activation else None
+    disk_size = virtual_size(image) + GROW_BY
+    if installer:
+        image = workdir / "blank.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "1M"], check=True)
     vm = VM(
         base=image,
         workdir=workdir,
@@ -124,36 +211,83 @@ def boot_and_test(defn: Definition, image: Path, firmware: str, accel: str, work
         accel=accel,
         memory=vcfg["memory"],
         cpus=vcfg["cpus"],
-        disk_size=virtual_size(image) + GROW_BY,
+        disk_size=disk_size,
         seed_iso=seed_iso,
+        cdroms=[installer] if installer else [],
+        forward=(api_port,) if api_port else (),
     )
+    times: dict[str, float] = {}
     with vm:
+        if installer:
+            with step(f"unattended install from the ISO ({firmware})"):
+                times["installed"] = wait_installed(vm, vcfg["ready_timeout"])
+            info(f"ISO install ({firmware}, {accel}): {times['installed']:.1f}s")
         with step(f"boot {firmware} until SSH answers"):
-            seconds = wait_ssh(vm, ssh_config, vcfg["boot_timeout"])
-        info(f"boot to SSH ({firmware}, {accel}): {seconds:.1f}s")
+            times["ssh"] = wait_ssh(vm, ssh_config, vcfg["boot_timeout"])
+        info(f"boot to SSH ({firmware}, {accel}): {times['ssh']:.1f}s")
+        if api_port:
+            with step(f"activation from the seed until the agent is ready ({firmware})"):
+                times["ready"] = wait_ready(vm, vm.ports[api_port], vcfg["ready_timeout"])
+            info(f"boot to ready ({firmware}, {accel}): {times['ready']:.1f}s")
         with step(f"testinfra over SSH ({firmware})"):
             context = _context(
                 defn,
                 "booted",
+                installed_from_iso=installer is not None,
                 firmware=firmware,
                 instance_id=seed.instance_id,
                 disk_size=vm.disk_size,
+                activation=activation,
+                api_url=f"http://127.0.0.1:{vm.ports[api_port]}" if api_port else None,
             )
             run_suite(
                 [f"--hosts=ssh://root@127.0.0.1:{vm.ssh_port}", f"--ssh-config={ssh_config}"],
                 context,
                 workdir,
             )
-    return seconds
+        record_identity(vm, ssh_config, workdir / "identity.json")
+    return times
 
 
-def verify(defn: Definition, booted: bool = True, only_firmware: str | None = None) -> dict[str, float]:
+IDENTITY_SCRIPT = """
+import json, pathlib
+agent = pathlib.Path("/var/lib/strata/agent/identity.json")
+identity = json.loads(agent.read_text()) if agent.exists() else {}
+print(json.dumps({
+    "machine_id": pathlib.Path("/etc/machine-id").read_text().strip(),
+    "ssh_host_key": pathlib.Path("/etc/ssh/ssh_host_ed25519_key.pub").read_text().split()[1],
+    "k3s_token_sha256": __import__("hashlib").sha256(identity.get("token", "").encode()).hexdigest(),
+    "node_name": identity.get("node_name"),
+}))
+"""
+
+
+def record_identity(vm: VM, ssh_config: Path, out: Path) -> None:
+    """What makes this machine itself (the K3s token as a hash only), so boots of one image can be
+    compared: each must differ (tests/integration/test_image.py)."""
+    ssh = ["ssh", "-F", str(ssh_config), "-p", str(vm.ssh_port), "root@127.0.0.1", "python3", "-"]
+    result = subprocess.run(ssh, input=IDENTITY_SCRIPT, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise StrataError(f"could not read the machine's identity over SSH: {result.stderr.strip()}")
+    out.write_text(result.stdout)
+
+
+def verify(
+    defn: Definition,
+    booted: bool = True,
+    only_firmware: str | None = None,
+    iso: bool = True,
+    parallel: int | None = None,
+) -> dict[str, dict[str, float]]:
+    """The suite on the tree, then on the qcow2 booted on each firmware, then (when the definition
+    writes an ISO and `iso`) on a blank disk installed from the ISO on each firmware. The boots run
+    `parallel` at a time (default verify.parallel); each boot's times are then measured under load."""
     host.require_root("invoke verify")
     work = build.work_dir(defn)
     tree = work / "rootfs"
     if not tree.is_dir():
         raise StrataError(f"nothing prepared for '{defn.data['name']}': run `invoke build` first")
-    results: dict[str, float] = {}
+    results: dict[str, dict[str, float]] = {}
     with step("verify"):
         with step("testinfra on the baked tree (chroot)"):
             run_suite(
@@ -171,11 +305,61 @@ def verify(defn: Definition, booted: bool = True, only_firmware: str | None = No
             kernel.resolve() if kernel.exists() else None,
             initrd.resolve() if initrd.exists() else None,
         )
-        for firmware in defn.data["verify"]["firmware"]:
-            if only_firmware and firmware != only_firmware:
-                continue
-            results[firmware] = boot_and_test(defn, image, firmware, accel, work / "verify" / firmware)
+        firmwares = [f for f in defn.data["verify"]["firmware"] if not only_firmware or f == only_firmware]
+        boots: dict[str, tuple[str, Path | None]] = {fw: (fw, None) for fw in firmwares}
+        installer = build.output_dir(defn) / f"{defn.data['name']}.iso"
+        if iso and "iso" in defn.data["disk"]["formats"]:
+            if not installer.exists():
+                raise StrataError(f"{installer} is missing: run `invoke assemble` (or `invoke build`) first")
+            boots |= {f"{fw}-iso": (fw, installer) for fw in firmwares}
+        workers = max(1, min(parallel or defn.data["verify"]["parallel"], len(boots)))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = {
+                label: pool.submit(boot_and_test, defn, image, fw, accel, work / "verify" / label, medium)
+                for label, (fw, medium) in boots.items()
+            }
+            for label, future in futures.items():
+                results[label] = future.result()
     (work / "verify" / "boot-times.json").write_text(
-        json.dumps({"accel": accel, "seconds": results}, indent=2)
+        json.dumps({"accel": accel, "parallel": workers, "seconds": results}, indent=2)
     )
+    return results
+
+
+# ---------------------------------------------------------------- an image baked elsewhere (Packer path)
+
+
+def verify_image(
+    defn: Definition, image: Path, booted: bool = True, only_firmware: str | None = None
+) -> dict[str, dict[str, float]]:
+    """The same suite on a disk image that has no baked tree here (`invoke verify --image`, the Packer
+    path's output): on its root filesystem mounted read-only (chroot), then booted on each firmware.
+    Work files go to artifacts/.work/<image name>/verify/."""
+    from .artifacts import artifacts_root
+    from .imagefs import mounted_root
+
+    host.require_root("invoke verify --image")
+    if not image.is_file():
+        raise StrataError(f"--image {image}: no such file; give the path of a .qcow2 or .raw disk image")
+    work = artifacts_root() / ".work" / image.name.partition(".")[0] / "verify"
+    results: dict[str, dict[str, float]] = {}
+    with step(f"verify {image}"):
+        with mounted_root(image, work / "mount") as tree:
+            with step("testinfra on the image's root filesystem (chroot)"):
+                run_suite(
+                    ["--connection=chroot", f"--hosts={tree}"], _context(defn, "offline"), work / "offline"
+                )
+            if not booted:
+                return results
+            kernel, initrd = tree / "vmlinuz", tree / "initrd.img"
+            accel = choose_accel(
+                defn.data["verify"]["accel"],
+                kernel.resolve() if kernel.exists() else None,
+                initrd.resolve() if initrd.exists() else None,
+            )
+        host.require_tools("qemu-system-x86_64", "qemu-img", "ssh", "ssh-keygen")
+        firmwares = [f for f in defn.data["verify"]["firmware"] if not only_firmware or f == only_firmware]
+        for firmware in firmwares:
+            results[firmware] = boot_and_test(defn, image, firmware, accel, work / firmware)
+    (work / "boot-times.json").write_text(json.dumps({"accel": accel, "seconds": results}, indent=2))
     return results

@@ -115,3 +115,26 @@ def test_missing_tool_names_debian_package(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(StrataError, match="apt-get install mmdebstrap mtools"):
         host.require_tools("mmdebstrap", "mcopy")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="invoke download needs root")
+def test_k3s_checksum_mismatch_is_refused_and_removed(tmp_path: Path) -> None:
+    """A mirror serving a file that does not match the pinned sha256: exit 2, the bad file is not kept."""
+    from tests.standins.mirror import standin_mirror
+
+    wrong = "0" * 64
+    cache = tmp_path / "cache"
+    with standin_mirror() as env:
+        out = invoke("download", env={**env, "STRATA_K3S_SHA256": wrong, "STRATA_CACHE": str(cache)})
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "k3s: k3s binary" in out.stderr and wrong in out.stderr and "Traceback" not in out.stderr
+    downloads = cache / "downloads"
+    assert not list(downloads.rglob(wrong)) and not list(downloads.rglob("*.part"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="invoke download needs root")
+def test_unreachable_k3s_mirror_names_the_variable(tmp_path: Path) -> None:
+    env = {"STRATA_MIRROR": "http://127.0.0.1:9/", "STRATA_CACHE": str(tmp_path / "cache")}
+    out = invoke("download", env=env)
+    assert out.returncode == 2 and "127.0.0.1:9" in out.stderr and "STRATA_MIRROR" in out.stderr
+    assert "Traceback" not in out.stderr

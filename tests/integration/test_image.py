@@ -1,6 +1,8 @@
-"""The spine end to end: build the default image, verify it booted on UEFI and BIOS, check its outputs.
+"""End to end: build the default image, verify it booted on UEFI and BIOS, check its outputs.
 
-This needs root, the network to the Debian mirror (or a warm cache) and about ten minutes under TCG.
+K3s comes from a local mirror holding the TEST STAND-IN (tests/standins), since release binaries cannot
+be downloaded here; everything else is the default definition. This needs root, the network to the
+Debian mirror (or a warm cache) and about twenty minutes under TCG.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from builder import ROOT
 from builder.artifacts import artifacts_root
+from tests.standins.mirror import standin_mirror
 
 pytestmark = [
     pytest.mark.image,
@@ -36,23 +40,34 @@ def invoke(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
     )
 
 
-def build_shown(request: pytest.FixtureRequest, *args: str) -> int:
+@pytest.fixture(scope="module")
+def k3s_env() -> Any:
+    """The build environment for the local mirror with the K3s stand-in."""
+    with standin_mirror() as env:
+        yield env
+
+
+def build_shown(request: pytest.FixtureRequest, env: dict[str, str], *args: str) -> int:
     """`invoke build ARGS` with its step log shown live (it belongs in the CI log)."""
     capture = request.config.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled():
-        return invoke("build", *args).returncode
+        return invoke("build", *args, env=env).returncode
 
 
 @pytest.fixture(scope="module")
-def built(request: pytest.FixtureRequest) -> Path:
+def built(request: pytest.FixtureRequest, k3s_env: dict[str, str]) -> Path:
     """A fresh build of the default definition, verified (chroot, then booted on UEFI and on BIOS)."""
-    assert build_shown(request) == 0, "invoke build (with its booted verification) failed; see the log above"
+    assert build_shown(request, k3s_env) == 0, (
+        "invoke build (with its booted verification) failed; see the log above"
+    )
     return artifacts_root() / NAME
 
 
 def test_outputs_present(built: Path) -> None:
     names = sorted(p.name for p in built.iterdir())
-    assert names == sorted([f"{NAME}.raw", f"{NAME}.qcow2", "SHA256SUMS", "manifest.json", "packages.txt"])
+    assert names == sorted(
+        [f"{NAME}.raw", f"{NAME}.qcow2", f"{NAME}.iso", "SHA256SUMS", "manifest.json", "packages.txt"]
+    )
 
 
 def test_checksums_match(built: Path) -> None:
@@ -60,18 +75,19 @@ def test_checksums_match(built: Path) -> None:
         ["sha256sum", "--check", "--strict", "SHA256SUMS"], cwd=built, capture_output=True, text=True
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.count(": OK") == 4
+    assert out.stdout.count(": OK") == 5
 
 
 def test_manifest(built: Path) -> None:
     manifest = json.loads((built / "manifest.json").read_text())
     assert manifest["definition"]["name"] == NAME
-    assert {layer["name"] for layer in manifest["layers"]} == {"os", "containerd"}
+    assert [layer["name"] for layer in manifest["layers"]] == ["os", "containerd", "k3s", "agent", "apps"]
     assert all(len(layer["sha256"]) == 64 for layer in manifest["layers"])
     assert set(manifest["phases"]) >= {"download", "prepare", "assemble"}
     assert manifest["versions"]["containerd"]
     assert [i["ref"] for i in manifest["images"]] == [
         "localhost/strata/pause:3.10",
+        "localhost/strata/busybox:1.37",
         "localhost/strata/hello:2.10",
     ]
 
@@ -115,6 +131,29 @@ def test_disk_boots_both_ways(built: Path) -> None:
     assert mbr[510:] == b"\x55\xaa" and b"GRUB" in mbr
 
 
+def test_iso_boots_bios_and_uefi_from_cd_and_stick(built: Path) -> None:
+    """The boot catalog has a BIOS and a UEFI entry; the system area is GRUB's hybrid MBR with an
+    active whole-disk entry and an EFI partition over the FAT image, as xorriso reports it."""
+    iso = built / f"{NAME}.iso"
+    report = subprocess.run(
+        ["xorriso", "-indev", str(iso), "-report_el_torito", "plain", "-report_system_area", "plain"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    entries = [line.split() for line in report.splitlines() if line.startswith("El Torito boot img :")]
+    assert [(e[5], e[6], e[7]) for e in entries] == [("BIOS", "y", "none"), ("UEFI", "y", "none")]
+    assert "grub2-boot-info" in report and "MBR grub2-mbr" in report
+    assert "/boot/grub/efi.img" in report and "/boot/grub/eltorito.img" in report
+    mbr = iso.read_bytes()[:512]
+    assert mbr[510:] == b"\x55\xaa"
+    assert (mbr[0x1BE], mbr[0x1C2]) == (0x80, 0x00) and mbr[0x1D2] == 0xEF
+    label = subprocess.run(["blkid", "-o", "value", "-s", "LABEL", str(iso)], capture_output=True, text=True)
+    assert label.stdout.strip() == "STRATA_STRATA"
+    manifest = json.loads((built / "manifest.json").read_text())
+    assert manifest["artifacts"][f"{NAME}.iso"]["size"] == iso.stat().st_size
+
+
 def test_killed_assemble_leaves_no_final_files(built: Path, tmp_path: Path) -> None:
     """SIGKILL at several moments of assemble: the final folder never holds a partial set."""
     kill_name = "strata-killtest"
@@ -132,7 +171,7 @@ def test_killed_assemble_leaves_no_final_files(built: Path, tmp_path: Path) -> N
 
     state_file = work / kill_name / "state.json"
     state = json.loads(state_file.read_text())
-    state["definition_digest"] = load_definition(definition).digest()
+    state["definition_digest"] = load_definition(definition).tree_digest()
     state_file.write_text(json.dumps(state))
     try:
         for delay in (1, 4, 10, 20, 35):
@@ -160,9 +199,21 @@ def test_killed_assemble_leaves_no_final_files(built: Path, tmp_path: Path) -> N
         shutil.rmtree(final, ignore_errors=True)
 
 
-def test_bookworm_builds_and_boots(request: pytest.FixtureRequest) -> None:
-    """Debian 12 is supported: the same layers build, and the image passes the suite on UEFI and BIOS."""
-    assert build_shown(request, "--definition", str(ROOT / "definitions" / "bookworm.yaml")) == 0
+def test_bookworm_builds_and_boots(request: pytest.FixtureRequest, k3s_env: dict[str, str]) -> None:
+    """Debian 12 is supported: the same layers build, and the image passes the suite booted on UEFI."""
+    assert build_shown(request, k3s_env, "--definition", str(ROOT / "definitions" / "bookworm.yaml")) == 0
     manifest = json.loads((artifacts_root() / "strata-bookworm" / "manifest.json").read_text())
     assert manifest["versions"]["debian"] == "bookworm"
     assert manifest["versions"]["systemd"].startswith("252.")
+
+
+def test_two_machines_from_one_image_differ(built: Path) -> None:
+    """The UEFI and BIOS verify boots are two VMs from the same qcow2, activated from seeds with the
+    same content: each made its own machine-id, SSH host key, K3s token and node name."""
+    verify_dir = artifacts_root() / ".work" / NAME / "verify"
+    first, second = (json.loads((verify_dir / fw / "identity.json").read_text()) for fw in ("uefi", "bios"))
+    for key in ("machine_id", "ssh_host_key", "k3s_token_sha256", "node_name"):
+        assert first[key] and second[key] and first[key] != second[key], key
+    empty_token = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    assert empty_token not in (first["k3s_token_sha256"], second["k3s_token_sha256"])
+    assert first["node_name"].startswith("strata-") and second["node_name"].startswith("strata-")

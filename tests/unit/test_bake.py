@@ -74,7 +74,7 @@ def test_bake_env_registry_mirrors_from_environment() -> None:
 
 def test_bake_env_skips_disabled_layers(tmp_path: Path) -> None:
     data = yaml.safe_load(DEFAULT_DEFINITION.read_text())
-    data["layers"] = {"containerd": {"enabled": False}}
+    data["layers"] = {name: {"enabled": False} for name in ("containerd", "k3s", "agent", "apps")}
     path = tmp_path / "def.yaml"
     path.write_text(yaml.safe_dump(data))
     env = bake_env(load_definition(path, environ={}))
@@ -142,12 +142,19 @@ def default_bundle(tmp_path: Path, prepared: list[PreparedImage]) -> tuple[Defin
 
 def test_bundle_top_level(default_bundle: tuple[Definition, Path]) -> None:
     defn, bundle = default_bundle
-    assert sorted(p.name for p in bundle.iterdir()) == ["definition.json", "env", "images", "layers", "run"]
+    assert sorted(p.name for p in bundle.iterdir()) == [
+        "definition.json",
+        "env",
+        "images",
+        "layers",
+        "packages",
+        "run",
+    ]
     assert (bundle / "run").read_bytes() == (TEMPLATES_DIR / "bake" / "run").read_bytes()
     assert os.access(bundle / "run", os.X_OK)
     assert json.loads((bundle / "definition.json").read_text()) == json.loads(defn.to_json())
     names = [f"{i:02d}-{layer.name}" for i, layer in enumerate(defn.enabled_layers())]
-    assert names == ["00-os", "01-containerd"]
+    assert names[:2] == ["00-os", "01-containerd"]
     assert sorted(p.name for p in (bundle / "layers").iterdir()) == names
 
 
@@ -451,3 +458,63 @@ def test_layer_digest_of_layer_outside_root(tmp_path: Path, fake_layers: Path) -
     defn = load_definition(path, environ={}, layers_dir=fake_layers)
     [zeta] = [layer for layer in defn.layers if layer.name == "zeta"]
     assert len(layer_digest(zeta)) == 64
+
+
+# --------------------------------------------------------------------------- layer packages (Packer path)
+
+
+def test_bundle_lists_the_layers_packages(default_bundle: tuple[Definition, Path]) -> None:
+    defn, bundle = default_bundle
+    expected = list(defn.data["os"]["packages"])
+    for layer in defn.enabled_layers():
+        expected += layer.packages
+    assert (bundle / "packages").read_text().splitlines() == list(dict.fromkeys(expected))
+    assert "containerd" in expected and "openssh-server" in expected
+
+
+def _fake_apt(tmp_path: Path, installed: list[str]) -> dict[str, str]:
+    """dpkg-query that knows `installed`, and an apt-get that logs its arguments to the bake log."""
+    bin_dir = tmp_path / "fakebin"
+    known = " ".join(installed)
+    _script(
+        bin_dir / "dpkg-query",
+        f'#!/bin/sh\nfor p in {known}; do [ "$4" = "$p" ] && {{ printf installed; exit 0; }}; done\nexit 1\n',
+    )
+    _script(bin_dir / "apt-get", '#!/bin/sh\necho "apt-get $*" >> "$STRATA_BAKE/log"\n')
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def _bundle_with_packages(tmp_path: Path, fake_layers: Path, packages: list[str]) -> Path:
+    meta = fake_layers / "zeta" / "layer.yaml"
+    meta.write_text(meta.read_text() + f"packages: {json.dumps(packages)}\n")
+    return _fake_bundle(tmp_path, fake_layers)
+
+
+@needs_sh
+def test_runner_installs_missing_packages_before_the_layers(tmp_path: Path, fake_layers: Path) -> None:
+    """In a VM (the Packer path) the runner installs what the base image lacks, apt patterns included."""
+    bundle = _bundle_with_packages(tmp_path, fake_layers, ["here", "gone", "?essential", "also-gone"])
+    (tmp_path / "xessential").write_text("")  # `?essential` is an apt pattern: it must not glob to this
+    env = _fake_apt(tmp_path, installed=["here"])
+    out = subprocess.run(
+        [str(bundle / "run")], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    log = (bundle / "log").read_text().splitlines()
+    assert log[:2] == [
+        "apt-get update -q",
+        "apt-get install -y -q --no-install-recommends gone ?essential also-gone",
+    ]
+    assert log[2] == "zeta/install.d/10-one bakehost hi there"
+    assert "strata-bake: installing gone ?essential also-gone" in out.stdout
+
+
+@needs_sh
+def test_runner_with_every_package_installed_calls_no_apt(tmp_path: Path, fake_layers: Path) -> None:
+    """The chroot bake: mmdebstrap installed everything, so the runner never touches apt."""
+    bundle = _bundle_with_packages(tmp_path, fake_layers, ["here", "there"])
+    env = _fake_apt(tmp_path, installed=["here", "there"])
+    out = subprocess.run([str(bundle / "run")], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert not any(line.startswith("apt-get") for line in (bundle / "log").read_text().splitlines())
+    assert "installing" not in out.stdout

@@ -46,4 +46,14 @@ def test_phase_timings_are_kept(defn: Definition) -> None:
     build.record_phase(defn, "prepare", 7.25)
     phases = build.load_state(defn)["phases"]
     assert phases["download"]["seconds"] == 2.5 and phases["prepare"]["seconds"] == 7.2
-    assert build.load_state(defn)["definition_digest"] == defn.digest()
+    assert build.load_state(defn)["definition_digest"] == defn.tree_digest()
+
+
+def test_output_settings_do_not_invalidate_the_prepared_tree(defn: Definition) -> None:
+    """Formats, ISO and verify settings change no byte of the tree; os and layer settings do."""
+    base = defn.tree_digest()
+    defn.data["disk"]["formats"] = ["qcow2"]
+    defn.data["verify"]["memory"] = 4096
+    assert defn.tree_digest() == base
+    defn.data["os"]["hostname"] = "elsewhere"
+    assert defn.tree_digest() != base

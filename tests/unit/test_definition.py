@@ -96,7 +96,7 @@ def test_defaults_are_filled_in(load: Loader) -> None:
     assert defn.get("os.suite") == "trixie"
     assert defn.get("os.components") == ["main"]
     assert defn.get("disk.size") == "auto"
-    assert defn.get("disk.formats") == ["raw", "qcow2"]
+    assert defn.get("disk.formats") == ["raw", "qcow2", "iso"]
     assert defn.get("verify.firmware") == ["uefi", "bios"]
     assert defn.data["name"] == "strata"
     assert defn.layer_settings("containerd") == {"enabled": True, "registry_mirrors": [], "images": []}
@@ -148,7 +148,8 @@ def test_verify_firmware_follows_disk_firmware(load: Loader) -> None:
 def test_unknown_top_level_key(load: Loader) -> None:
     message = problems_of(load, "schema: 1\nflavour: vanilla\n")
     assert (
-        "def.yaml: flavour: unknown key; expected one of: schema, name, os, disk, verify, layers" in message
+        "def.yaml: flavour: unknown key; expected one of: schema, name, os, disk, iso, verify, layers"
+        in message
     )
 
 

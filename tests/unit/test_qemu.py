@@ -52,13 +52,6 @@ def test_without_a_usable_device(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     assert list(tmp_path.iterdir()) == []
 
 
-def test_usable_device_and_no_kernel_trusts_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(qemu, "kvm_usable_device", lambda: True)
-    monkeypatch.setattr(qemu, "probe_kvm", lambda *_: pytest.fail("no probe without a kernel"))
-    assert choose_accel("auto") == "kvm"
-    assert choose_accel("kvm") == "kvm"
-
-
 class FakeProbe:
     def __init__(self, result: bool) -> None:
         self.result = result
@@ -77,6 +70,25 @@ def probe_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     monkeypatch.setattr(qemu, "qemu_version", lambda: "QEMU emulator version 9.9.9")
     monkeypatch.setenv("STRATA_CACHE", str(cache))
     return cache
+
+
+def test_usable_device_and_no_kernel_trusts_the_device(
+    monkeypatch: pytest.MonkeyPatch, probe_env: Path
+) -> None:
+    monkeypatch.setattr(qemu, "probe_kvm", lambda *_: pytest.fail("no probe without a kernel"))
+    assert choose_accel("auto") == "kvm"
+    assert choose_accel("kvm") == "kvm"
+
+
+def test_no_kernel_follows_an_earlier_probe(
+    monkeypatch: pytest.MonkeyPatch, probe_env: Path, tmp_path: Path
+) -> None:
+    """Without a kernel to probe with (the Packer path before its base exists), a failed probe on this
+    host and QEMU still means TCG."""
+    monkeypatch.setattr(qemu, "probe_kvm", FakeProbe(False))
+    assert choose_accel("auto", tmp_path / "vmlinuz") == "tcg"
+    monkeypatch.setattr(qemu, "probe_kvm", lambda *_: pytest.fail("the cached result is enough"))
+    assert choose_accel("auto") == "tcg"
 
 
 def test_failed_probe_falls_back_to_tcg_and_is_cached(

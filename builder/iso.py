@@ -61,8 +61,12 @@ class IsoFiles:
 
 
 def volume_label(name: str) -> str:
-    """An ISO 9660 volume id (d-characters, at most 32) naming the image."""
-    return re.sub(r"[^A-Z0-9_]", "_", f"STRATA_{name.upper()}")[:32]
+    """The volume id naming the image: d-characters, at most 16 (Joliet stores it in UCS-2 in 32
+    bytes); a longer name keeps its start and gets a short hash, so labels stay distinct."""
+    label = re.sub(r"[^A-Z0-9_]", "_", f"STRATA_{name.upper()}")
+    if len(label) <= 16:
+        return label
+    return f"{label[:11]}_{hashlib.sha256(name.encode()).hexdigest()[:4].upper()}"
 
 
 def _kernel_version(tree: Path) -> str:
@@ -268,6 +272,9 @@ def build_iso(defn: Definition, tree: Path, raw: Path, out: Path, work: Path) ->
     require_tools("mksquashfs", "mkfs.vfat", "mmd", "mcopy")
     files = prepare_files(defn, tree, raw, work)
     with step("ISO (pycdlib, hybrid)"):
-        write_iso(files, volume_label(defn.data["name"]), out)
+        try:
+            write_iso(files, volume_label(defn.data["name"]), out)
+        except pycdlib.pycdlibexception.PyCdlibException as exc:
+            raise StrataError(f"writing {out.name} with pycdlib failed: {exc}") from None
     info(f"{out.name}: {out.stat().st_size / 2**20:.0f} MiB, label {volume_label(defn.data['name'])}")
     return out

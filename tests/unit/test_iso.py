@@ -5,13 +5,26 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+import pycdlib
+
 from builder.iso import ELTORITO_PATCH_OFFSET, MBR_KERNEL_SECTOR, make_hybrid, volume_label
 
 
-def test_volume_label_is_d_characters_and_short() -> None:
+def test_volume_label_is_d_characters_and_fits_joliet() -> None:
     assert volume_label("strata") == "STRATA_STRATA"
-    label = volume_label("my-image.v2 with a very long name indeed")
-    assert len(label) == 32 and set(label) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+    long_a, long_b = volume_label("strata-killtest"), volume_label("strata-killtest2")
+    assert len(long_a) == 16 and long_a.startswith("STRATA_STRA") and long_a != long_b
+    assert set(long_a) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+
+
+def test_long_names_write_an_iso(tmp_path: Path) -> None:
+    """pycdlib refuses a Joliet volume id over 16 characters; every label must be accepted."""
+    iso = pycdlib.PyCdlib()
+    label = volume_label("a-rather-long-image-name")
+    iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident=label)
+    iso.write(str(tmp_path / "x.iso"))
+    iso.close()
+    assert label.encode() in (tmp_path / "x.iso").read_bytes()
 
 
 def test_hybrid_mbr_points_at_grub_and_the_efi_image(tmp_path: Path) -> None:

@@ -160,13 +160,9 @@ def _chart_file(index: int, spec: dict[str, Any], where: str) -> AppFile:
     return AppFile(f"{index:02d}-{name}.yaml", text, where, tuple(images))
 
 
-def enabled(defn: Definition) -> bool:
-    return bool(defn.data["layers"].get("apps", {}).get("enabled"))
-
-
 def app_files(defn: Definition) -> list[AppFile]:
     """The built-in content, then the definition's manifests, then its charts, in that order."""
-    if not enabled(defn):
+    if not defn.enabled("apps"):
         return []
     settings = defn.layer_settings("apps")
     files: list[AppFile] = []

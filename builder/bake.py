@@ -102,16 +102,19 @@ def make_bundle(
     folders = {}
     for index, layer in enumerate(defn.enabled_layers()):
         folders[layer.name] = _layer_into(bundle, index, layer, defn)
-    for item, cached in inputs:
-        target = folders[item.layer] / "files" / item.dest.lstrip("/")
+
+    def placed(layer_name: str, dest: str) -> Path:
+        target = folders[layer_name] / "files" / dest.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+
+    for item, cached in inputs:
+        target = placed(item.layer, item.dest)
         shutil.copyfile(cached, target)
         target.chmod(item.mode)
     for layer_name, files in (generated or {}).items():
         for dest, text in files.items():
-            target = folders[layer_name] / "files" / dest.lstrip("/")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(text)
+            placed(layer_name, dest).write_text(text)
     if images:
         (bundle / "images").mkdir()
         rows = []

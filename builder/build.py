@@ -59,12 +59,8 @@ def forget_phase(defn: Definition, phase: str) -> None:
     save_state(defn, state)
 
 
-def os_packages(defn: Definition) -> list[str]:
-    return bake.layer_packages(defn)
-
-
 def image_specs(defn: Definition) -> list[images.ImageSpec]:
-    if not defn.data["layers"].get("containerd", {}).get("enabled"):
+    if not defn.enabled("containerd"):
         return []
     return images.image_specs(defn.layer_settings("containerd"))
 
@@ -86,7 +82,9 @@ def download(defn: Definition) -> None:
         images.check_archives(specs)
         app_files(defn, specs)
         inputs.fetch_inputs(defn)
-        wanted = os_packages(defn) + [p for s in specs if s.build for p in s.build.get("packages", [])]
+        wanted = bake.layer_packages(defn) + [
+            p for s in specs if s.build for p in s.build.get("packages", [])
+        ]
         rootfs.download_packages(defn.data["os"], wanted)
     record_phase(defn, "download", time.monotonic() - start)
 
@@ -102,7 +100,7 @@ def prepare(defn: Definition) -> None:
         bundle = layer_bundle(defn, work)
         tree = work / "rootfs"
         with step(f"root filesystem (Debian {defn.data['os']['suite']})"):
-            rootfs.create_rootfs(defn.data["os"], tree, os_packages(defn))
+            rootfs.create_rootfs(defn.data["os"], tree, bake.layer_packages(defn))
         with step("bake layers: " + ", ".join(layer.name for layer in defn.enabled_layers())):
             bake.bake_chroot(tree, bundle)
         packages = chroot_run(tree, ["dpkg-query", "-W", "-f", "${Package}\t${Version}\t${Architecture}\n"])
@@ -114,7 +112,7 @@ def layer_bundle(defn: Definition, work: Path) -> Path:
     """The enabled layers as one bundle in `work`/bundle (their container images, fetched inputs and
     generated files included), with `work`/images.json; the chroot bake and the Packer path both run it."""
     specs = image_specs(defn)
-    generated = {"apps": apps.bundle_files(app_files(defn, specs))} if apps.enabled(defn) else {}
+    generated = {"apps": apps.bundle_files(app_files(defn, specs))}
     with step("container images"):
         prepared = images.prepare_images(defn.data["os"], specs, work)
     bundle = bake.make_bundle(defn, work / "bundle", prepared, inputs.fetch_inputs(defn), generated)

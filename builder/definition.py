@@ -438,6 +438,10 @@ class Definition:
         """Enabled layers in bake order."""
         return [layer for layer in self.layers if self.data["layers"][layer.name]["enabled"]]
 
+    def enabled(self, name: str) -> bool:
+        """Whether layer `name` exists and is enabled."""
+        return bool(self.data["layers"].get(name, {}).get("enabled"))
+
     def layer_settings(self, name: str) -> dict[str, Any]:
         """A layer's resolved settings, `enabled` included."""
         if name not in self.data["layers"]:

@@ -166,14 +166,17 @@ def make_root_fs(rootfs: Path, out: Path, size: int, inodes: int, ids: DiskIds) 
     )
 
 
-def make_esp(out: Path, efi_binary: Path, ids: DiskIds) -> None:
+def make_efi_fat(out: Path, efi_binary: Path, size: int, label: str, options: tuple[str, ...] = ()) -> None:
+    """A FAT filesystem image of `size` bytes holding `efi_binary` at the removable path
+    EFI/BOOT/BOOTX64.EFI; `options` go to mkfs.vfat."""
     out.unlink(missing_ok=True)
-    run(
-        ["mkfs.vfat", "-F", "32", "-n", "ESP", "-i", ids.esp_serial, "-C", str(out), str(ESP_SIZE // 1024)],
-        what="mkfs.vfat",
-    )
+    run(["mkfs.vfat", *options, "-n", label, "-C", str(out), str(size // 1024)], what="mkfs.vfat")
     run(["mmd", "-i", str(out), "::/EFI", "::/EFI/BOOT"], what="mmd")
     run(["mcopy", "-i", str(out), str(efi_binary), "::/EFI/BOOT/BOOTX64.EFI"], what="mcopy")
+
+
+def make_esp(out: Path, efi_binary: Path, ids: DiskIds) -> None:
+    make_efi_fat(out, efi_binary, ESP_SIZE, "ESP", ("-F", "32", "-i", ids.esp_serial))
 
 
 def splice(src: Path, disk: Path, offset: int, label: str) -> None:

@@ -3,7 +3,6 @@ that was not baked here, e.g. the Packer path's): a read-only loop device, its p
 
 from __future__ import annotations
 
-import json
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,13 +11,9 @@ from pathlib import Path
 from .errors import StrataError
 from .host import require_tools
 from .proc import run
+from .qemu import image_info
 
 LINUX_FILESYSTEMS = ("ext4", "ext3", "ext2", "xfs", "btrfs")
-
-
-def image_format(image: Path) -> str:
-    out = run(["qemu-img", "info", "--output=json", str(image)], what=f"qemu-img info {image}")
-    return str(json.loads(out)["format"])
 
 
 def root_partition(partitions: list[Path]) -> Path:
@@ -45,7 +40,7 @@ def mounted_root(image: Path, workdir: Path) -> Iterator[Path]:
     require_tools("qemu-img", "losetup", "partx", "blkid", "blockdev", "mount")
     workdir.mkdir(parents=True, exist_ok=True)
     raw = image
-    if image_format(image) != "raw":
+    if image_info(image)["format"] != "raw":
         raw = workdir / "image.raw"
         run(["qemu-img", "convert", "-O", "raw", str(image), str(raw)], what="qemu-img convert (to mount)")
     mnt = workdir / "root"

@@ -11,7 +11,6 @@ firmware boot it from a stick too (what xorriso's --grub2-mbr and --grub2-boot-i
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import re
 import shutil
@@ -26,11 +25,12 @@ from .artifacts import atomic_file, sha256_file
 from .bake import render
 from .chroot import chroot_run, mounted
 from .definition import Definition
-from .disk import ROOT_START, SECTOR, grub_mkimage
+from .disk import ROOT_START, SECTOR, MiB, grub_mkimage, make_efi_fat
 from .errors import StrataError
 from .host import require_tools
 from .log import info, step
 from .proc import run
+from .seed import add_iso_file
 
 ISO_DIR = TEMPLATES_DIR / "iso"
 IN_TREE = "var/tmp/strata-iso"  # scratch space inside the prepared tree, for chroot tools
@@ -124,14 +124,6 @@ def make_squashfs(raw: Path, out: Path) -> None:
         shutil.rmtree(holder, ignore_errors=True)
 
 
-def make_efi_img(efi_binary: Path, out: Path) -> None:
-    size_kib = max(4096, (efi_binary.stat().st_size // 1024 + 1024) // 1024 * 1024 + 1024)
-    out.unlink(missing_ok=True)
-    run(["mkfs.vfat", "-n", "STRATA_EFI", "-C", str(out), str(size_kib)], what="mkfs.vfat (ISO)")
-    run(["mmd", "-i", str(out), "::/EFI", "::/EFI/BOOT"], what="mmd")
-    run(["mcopy", "-i", str(out), str(efi_binary), "::/EFI/BOOT/BOOTX64.EFI"], what="mcopy")
-
-
 def prepare_files(defn: Definition, tree: Path, raw: Path, work: Path) -> IsoFiles:
     work.mkdir(parents=True, exist_ok=True)
     name = defn.data["name"]
@@ -162,7 +154,9 @@ def prepare_files(defn: Definition, tree: Path, raw: Path, work: Path) -> IsoFil
     with step("GRUB for CD and stick (BIOS and UEFI)"):
         grub_mkimage(tree, {"i386-pc-eltorito": ("eltorito.img", work / "eltorito.img")}, early, BIOS_MODULES)
         grub_mkimage(tree, {"x86_64-efi": ("BOOTX64.EFI", work / "BOOTX64.EFI")}, early)
-        make_efi_img(work / "BOOTX64.EFI", work / "efi.img")
+        # the FAT image UEFI boots from: GRUB and a little room, in whole MiB
+        efi_size = (work / "BOOTX64.EFI").stat().st_size // MiB * MiB + 2 * MiB
+        make_efi_fat(work / "efi.img", work / "BOOTX64.EFI", max(4 * MiB, efi_size), "STRATA_EFI")
     image_env = "".join(
         f"{key}={value}\n"
         for key, value in (
@@ -189,16 +183,6 @@ def _add_dir(iso: pycdlib.PyCdlib, path: str) -> None:
     iso.add_directory(path.upper(), rr_name=path.rsplit("/", 1)[-1], joliet_path=path)
 
 
-def _add_file(iso: pycdlib.PyCdlib, source: Path | bytes, path: str) -> None:
-    folder, _, filename = path.rpartition("/")
-    stem, _, suffix = filename.upper().replace("-", "_").partition(".")
-    iso_path = f"{folder.upper()}/{stem[:30]}.{suffix[:3]};1"
-    if isinstance(source, bytes):
-        iso.add_fp(io.BytesIO(source), len(source), iso_path, rr_name=filename, joliet_path=path)
-    else:
-        iso.add_file(str(source), iso_path, rr_name=filename, joliet_path=path)
-
-
 def write_iso(files: IsoFiles, label: str, out: Path) -> None:
     """Write the ISO with pycdlib, then make its system area a GRUB hybrid MBR."""
     iso = pycdlib.PyCdlib()
@@ -207,15 +191,15 @@ def write_iso(files: IsoFiles, label: str, out: Path) -> None:
     # /boot/grub/grub.cfg keeps everything GRUB reads at the start (SeaBIOS reads far in go wrong).
     for folder in ("/boot", "/boot/grub", "/live", "/strata", "/strata/image"):
         _add_dir(iso, folder)
-    _add_file(iso, files.kernel, "/live/vmlinuz")
-    _add_file(iso, files.initrd, "/live/initrd.img")
-    _add_file(iso, files.squashfs, "/strata/image/image.squashfs")
-    _add_file(iso, files.image_env.encode(), "/strata/image.env")
+    add_iso_file(iso, files.kernel, "/live/vmlinuz")
+    add_iso_file(iso, files.initrd, "/live/initrd.img")
+    add_iso_file(iso, files.squashfs, "/strata/image/image.squashfs")
+    add_iso_file(iso, files.image_env.encode(), "/strata/image.env")
     # not empty: an empty file (extent 0) with Rock Ridge makes BIOS GRUB read other files wrongly
-    _add_file(iso, f"{files.marker}\n".encode(), f"/strata/{files.marker}")
-    _add_file(iso, files.grub_cfg.encode(), "/boot/grub/grub.cfg")
-    _add_file(iso, files.eltorito, "/boot/grub/eltorito.img")
-    _add_file(iso, files.efi_img, "/boot/grub/efi.img")
+    add_iso_file(iso, f"{files.marker}\n".encode(), f"/strata/{files.marker}")
+    add_iso_file(iso, files.grub_cfg.encode(), "/boot/grub/grub.cfg")
+    add_iso_file(iso, files.eltorito, "/boot/grub/eltorito.img")
+    add_iso_file(iso, files.efi_img, "/boot/grub/efi.img")
     iso.add_eltorito(
         "/BOOT/GRUB/ELTORITO.IMG;1",
         bootcatfile="/BOOT/GRUB/BOOT.CAT;1",

@@ -34,7 +34,7 @@ from .definition import Definition
 from .errors import StrataError
 from .log import info, step
 from .proc import run
-from .qemu import choose_accel
+from .qemu import accel_for_tree, image_info, ssh_keypair
 from .rootfs import cache_root
 from .seed import Seed, write_seed_iso
 
@@ -148,11 +148,6 @@ def ensure_strata_base(defn: Definition) -> Base:
     return strata_base(defn)
 
 
-def virtual_size(image: Path) -> int:
-    out = run(["qemu-img", "info", "--output=json", str(image)], what=f"qemu-img info {image}")
-    return int(json.loads(out)["virtual-size"])
-
-
 def disk_size(defn: Definition, base: Base) -> int:
     """Bytes of the built disk: disk.size, or for auto the base's size plus headroom."""
     size = defn.data["disk"]["size"]
@@ -161,7 +156,8 @@ def disk_size(defn: Definition, base: Base) -> int:
     if not base.strata:
         return CLOUD_AUTO_SIZE
     image = Path(base.url)
-    return disk.align((virtual_size(image) if image.exists() else UNBUILT_BASE_SIZE) + AUTO_HEADROOM)
+    size = int(image_info(image)["virtual-size"]) if image.exists() else UNBUILT_BASE_SIZE
+    return disk.align(size + AUTO_HEADROOM)
 
 
 # ---------------------------------------------------------------- Packer itself
@@ -283,25 +279,13 @@ def render_template(
 
 def build_key(paths: Paths, fresh: bool) -> str:
     """The build's throwaway SSH key (made anew for each build); returns the public key."""
-    if fresh:
-        paths.key.unlink(missing_ok=True)
-        Path(f"{paths.key}.pub").unlink(missing_ok=True)
-    if not paths.key.exists():
-        paths.key.parent.mkdir(parents=True, exist_ok=True)
-        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", KEY_COMMENT, "-f", str(paths.key)])
-    return Path(f"{paths.key}.pub").read_text().strip()
+    return ssh_keypair(paths.key, KEY_COMMENT, fresh)
 
 
 def accel_for(defn: Definition, base: Base) -> str:
     """kvm where a probe boot of the base's kernel works, else tcg (builder.qemu.choose_accel)."""
     tree = build.work_dir(base_definition(defn)) / "rootfs"
-    kernel, initrd = tree / "vmlinuz", tree / "initrd.img"
-    probe = base.strata and kernel.exists()
-    return choose_accel(
-        defn.data["verify"]["accel"],
-        kernel.resolve() if probe else None,
-        initrd.resolve() if probe and initrd.exists() else None,
-    )
+    return accel_for_tree(defn.data["verify"]["accel"], tree if base.strata else None)
 
 
 def render(defn: Definition, base: Base | None = None) -> Path:

@@ -12,6 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import StrataError
 from .host import OVMF_CODE, OVMF_VARS, require_file
@@ -97,6 +98,39 @@ def choose_accel(requested: str, kernel: Path | None = None, initrd: Path | None
         )
     info("KVM guests do not boot on this host (probe): using TCG (software emulation)")
     return "tcg"
+
+
+def accel_for_tree(requested: str, tree: Path | None) -> str:
+    """choose_accel, probing with the kernel and initrd of a root filesystem `tree` when it has them."""
+    kernel = tree / "vmlinuz" if tree else None
+    if kernel is None or not kernel.exists():
+        return choose_accel(requested)
+    initrd = kernel.with_name("initrd.img")
+    return choose_accel(requested, kernel.resolve(), initrd.resolve() if initrd.exists() else None)
+
+
+def image_info(image: Path) -> dict[str, Any]:
+    """`qemu-img info` of a disk image: format, virtual-size..."""
+    out = subprocess.run(
+        ["qemu-img", "info", "--output=json", str(image)], capture_output=True, text=True, check=False
+    )
+    if out.returncode != 0:
+        raise StrataError(f"qemu-img info {image} failed: {out.stderr.strip()}")
+    return dict(json.loads(out.stdout))
+
+
+def ssh_keypair(key: Path, comment: str, fresh: bool = False) -> str:
+    """An Ed25519 key without passphrase at `key` (made when missing, or anew when `fresh`); returns
+    the public key line."""
+    if fresh:
+        key.unlink(missing_ok=True)
+        key.with_name(f"{key.name}.pub").unlink(missing_ok=True)
+    if not key.exists():
+        key.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(key)], check=True
+        )
+    return key.with_name(f"{key.name}.pub").read_text().strip()
 
 
 _ports_lock = threading.Lock()

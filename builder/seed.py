@@ -38,9 +38,16 @@ class Seed:
         return files
 
 
-def _iso_name(name: str) -> str:
-    stem, _, suffix = name.upper().replace("-", "_").partition(".")
-    return f"/{stem}.{suffix};1"
+def add_iso_file(iso: pycdlib.PyCdlib, source: Path | bytes, path: str) -> None:
+    """Add a file (contents, or a host path read while writing) at `path`, e.g. /boot/grub/grub.cfg:
+    its ISO 9660 name is made to fit, and Rock Ridge and Joliet keep the real one."""
+    folder, _, filename = path.rpartition("/")
+    stem, _, suffix = filename.upper().replace("-", "_").partition(".")
+    iso_path = f"{folder.upper()}/{stem[:30]}.{suffix[:3]};1"
+    if isinstance(source, bytes):
+        iso.add_fp(io.BytesIO(source), len(source), iso_path, rr_name=filename, joliet_path=path)
+    else:
+        iso.add_file(str(source), iso_path, rr_name=filename, joliet_path=path)
 
 
 def write_seed_iso(seed: Seed, out: Path, extra: dict[str, Path] | None = None) -> Path:
@@ -48,9 +55,9 @@ def write_seed_iso(seed: Seed, out: Path, extra: dict[str, Path] | None = None) 
     iso = pycdlib.PyCdlib()
     iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident="cidata")
     for name, data in seed.files().items():
-        iso.add_fp(io.BytesIO(data), len(data), _iso_name(name), rr_name=name, joliet_path="/" + name)
+        add_iso_file(iso, data, f"/{name}")
     for name, path in (extra or {}).items():
-        iso.add_file(str(path), _iso_name(name), rr_name=name, joliet_path="/" + name)
+        add_iso_file(iso, path, f"/{name}")
     with atomic_file(out) as tmp:
         iso.write(str(tmp))
         iso.close()

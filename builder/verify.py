@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -16,21 +17,16 @@ from . import ROOT, apps, build, host
 from .definition import Definition
 from .errors import StrataError
 from .log import info, step
-from .qemu import VM, choose_accel
+from .qemu import VM, accel_for_tree, image_info, ssh_keypair
 from .seed import Seed, write_seed_iso
 
 SUITE = ROOT / "tests" / "image"
 GROW_BY = 2 << 30  # the test disk is this much larger than the image, to prove the root grows
 
 
-def agent_enabled(defn: Definition) -> bool:
-    return bool(defn.data["layers"].get("agent", {}).get("enabled"))
-
-
 def _context(defn: Definition, mode: str, **extra: Any) -> dict[str, Any]:
     """What the suite checks the image against (tests/image reads it from STRATA_VERIFY_CONTEXT)."""
     specs = build.image_specs(defn)
-    layers = defn.data["layers"]
     return {
         "mode": mode,
         "hostname": defn.data["os"]["hostname"],
@@ -38,8 +34,8 @@ def _context(defn: Definition, mode: str, **extra: Any) -> dict[str, Any]:
         "sandbox_image": next((s.ref for s in specs if s.sandbox), None),
         "security_mirror": defn.data["os"]["security_mirror"],
         "layers": [layer.name for layer in defn.enabled_layers()],
-        "k3s": defn.layer_settings("k3s") if layers.get("k3s", {}).get("enabled") else None,
-        "agent": defn.layer_settings("agent") if agent_enabled(defn) else None,
+        "k3s": defn.layer_settings("k3s") if defn.enabled("k3s") else None,
+        "agent": defn.layer_settings("agent") if defn.enabled("agent") else None,
         "apps": [f.name for f in apps.app_files(defn)],
         **extra,
     }
@@ -64,25 +60,35 @@ def agent_status(port: int, timeout: float = 10) -> dict[str, Any] | None:
         return None
 
 
-def wait_ready(vm: VM, port: int, timeout: float) -> float:
-    """Seconds from power-on until the agent reports `ready`; raises on `failed` or timeout."""
+def wait_for(vm: VM, what: str, timeout: float, done: Callable[[], bool], interval: float = 3) -> float:
+    """Seconds from power-on until `done()` (which may raise to stop early); raises with the serial
+    console's tail when the VM exits first or `timeout` passes."""
     deadline = time.monotonic() + timeout
-    last: dict[str, Any] | None = None
     while time.monotonic() < deadline:
+        if done():
+            return time.monotonic() - vm.started
         if not vm.alive():
             raise StrataError(
-                f"the VM exited before the agent was ready; serial console:\n{vm.serial_tail()}"
+                f"the VM exited before {what} ({vm.firmware}); serial console:\n{vm.serial_tail()}"
             )
-        last = agent_status(port) or last
-        if last and last.get("state") == "ready":
-            return time.monotonic() - vm.started
-        if last and last.get("state") == "failed":
+        time.sleep(interval)
+    raise StrataError(f"no {what} after {timeout:.0f}s ({vm.firmware}); serial console:\n{vm.serial_tail()}")
+
+
+def wait_ready(vm: VM, port: int, timeout: float) -> float:
+    """Seconds from power-on until the agent reports `ready`; raises on `failed` or timeout."""
+    last: dict[str, Any] = {}
+
+    def ready() -> bool:
+        last.update(agent_status(port) or {})
+        if last.get("state") == "failed":
             raise StrataError(f"activation failed ({vm.firmware}): {json.dumps(last, indent=2)}")
-        time.sleep(3)
-    raise StrataError(
-        f"the agent was not ready after {timeout:.0f}s ({vm.firmware}); last status: "
-        f"{json.dumps(last, indent=2)}\nserial console:\n{vm.serial_tail()}"
-    )
+        return last.get("state") == "ready"
+
+    try:
+        return wait_for(vm, "the agent's ready", timeout, ready)
+    except StrataError as error:
+        raise StrataError(f"{error}\nlast agent status: {json.dumps(last, indent=2)}") from None
 
 
 def run_suite(target: list[str], context: dict[str, Any], workdir: Path) -> None:
@@ -109,29 +115,19 @@ def run_suite(target: list[str], context: dict[str, Any], workdir: Path) -> None
 
 
 def wait_ssh(vm: VM, ssh_config: Path, timeout: float) -> float:
-    """Seconds from power-on until SSH answers; raises with the serial console tail if it never does."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not vm.alive():
-            raise StrataError(f"the VM exited before SSH came up; serial console:\n{vm.serial_tail()}")
-        probe = subprocess.run(
-            ["ssh", "-F", str(ssh_config), "-p", str(vm.ssh_port), "root@127.0.0.1", "true"],
-            capture_output=True,
-            timeout=60,
-            check=False,
-        )
-        if probe.returncode == 0:
-            return time.monotonic() - vm.started
-        time.sleep(2)
-    raise StrataError(f"no SSH after {timeout:.0f}s ({vm.firmware}); serial console:\n{vm.serial_tail()}")
+    """Seconds from power-on until SSH answers."""
+    probe = ["ssh", "-F", str(ssh_config), "-p", str(vm.ssh_port), "root@127.0.0.1", "true"]
+
+    def answers() -> bool:
+        return subprocess.run(probe, capture_output=True, timeout=60, check=False).returncode == 0
+
+    return wait_for(vm, "SSH", timeout, answers, interval=2)
 
 
 def make_ssh_key(workdir: Path) -> tuple[Path, Path]:
+    """The verify boots' SSH key and an ssh_config that uses it."""
     key = workdir / "id_ed25519"
-    if not key.exists():
-        subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "strata-verify", "-f", str(key)], check=True
-        )
+    ssh_keypair(key, "strata-verify")
     config = workdir / "ssh_config"
     config.write_text(
         "Host *\n"
@@ -152,30 +148,18 @@ def boot_image(defn: Definition) -> Path:
     raise StrataError(f"no disk image in {out}: run `invoke build` (or `invoke assemble`) first")
 
 
-def virtual_size(image: Path) -> int:
-    out = subprocess.run(
-        ["qemu-img", "info", "--output=json", str(image)], capture_output=True, text=True, check=True
-    )
-    return int(json.loads(out.stdout)["virtual-size"])
-
-
 def wait_installed(vm: VM, timeout: float) -> float:
     """Seconds from power-on until the ISO's installer reports it is done (it then reboots)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def installed() -> bool:
         console = vm.serial_log.read_bytes().decode(errors="replace") if vm.serial_log.exists() else ""
-        if "strata-install: done" in console:
-            return time.monotonic() - vm.started
         if "strata-install: FAILED" in console or "a shell follows" in console:
             raise StrataError(
                 f"the ISO install failed ({vm.firmware}); serial console:\n{vm.serial_tail(40)}"
             )
-        if not vm.alive():
-            raise StrataError(f"the VM exited during the install; serial console:\n{vm.serial_tail()}")
-        time.sleep(3)
-    raise StrataError(
-        f"no finished install after {timeout:.0f}s ({vm.firmware}); serial:\n{vm.serial_tail()}"
-    )
+        return "strata-install: done" in console
+
+    return wait_for(vm, "finished install", timeout, installed)
 
 
 def boot_and_test(
@@ -189,8 +173,8 @@ def boot_and_test(
     system after its reboot."""
     workdir.mkdir(parents=True, exist_ok=True)
     key, ssh_config = make_ssh_key(workdir)
-    public_key = Path(f"{key}.pub").read_text().strip()
-    activation = activation_for(defn, public_key) if agent_enabled(defn) else None
+    public_key = ssh_keypair(key, "strata-verify")
+    activation = activation_for(defn, public_key) if defn.enabled("agent") else None
     seed = Seed(
         hostname=defn.data["os"]["hostname"],
         ssh_authorized_keys=[public_key],
@@ -200,7 +184,7 @@ def boot_and_test(
     seed_iso = write_seed_iso(seed, workdir / "seed.iso")
     vcfg = defn.data["verify"]
     api_port = defn.layer_settings("agent")["api_port"] if activation else None
-    disk_size = virtual_size(image) + GROW_BY
+    disk_size = int(image_info(image)["virtual-size"]) + GROW_BY
     if installer:
         image = workdir / "blank.qcow2"
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "1M"], check=True)
@@ -272,6 +256,40 @@ def record_identity(vm: VM, ssh_config: Path, out: Path) -> None:
     out.write_text(result.stdout)
 
 
+def offline_suite(defn: Definition, tree: Path, workdir: Path) -> None:
+    with step("testinfra on the root filesystem (chroot)"):
+        run_suite(["--connection=chroot", f"--hosts={tree}"], _context(defn, "offline"), workdir)
+
+
+def boot_all(
+    defn: Definition,
+    image: Path,
+    accel: str,
+    verify_dir: Path,
+    only_firmware: str | None,
+    installer: Path | None = None,
+    parallel: int | None = None,
+) -> dict[str, dict[str, float]]:
+    """boot_and_test `image` on each verify firmware (and, with `installer`, an install from it on each),
+    `parallel` VMs at a time (default verify.parallel); times go to verify_dir/boot-times.json."""
+    host.require_tools("qemu-system-x86_64", "qemu-img", "ssh", "ssh-keygen")
+    firmwares = [f for f in defn.data["verify"]["firmware"] if not only_firmware or f == only_firmware]
+    boots: dict[str, tuple[str, Path | None]] = {fw: (fw, None) for fw in firmwares}
+    if installer:
+        boots |= {f"{fw}-iso": (fw, installer) for fw in firmwares}
+    workers = max(1, min(parallel or defn.data["verify"]["parallel"], len(boots)))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {
+            label: pool.submit(boot_and_test, defn, image, fw, accel, verify_dir / label, medium)
+            for label, (fw, medium) in boots.items()
+        }
+        results = {label: future.result() for label, future in futures.items()}
+    (verify_dir / "boot-times.json").write_text(
+        json.dumps({"accel": accel, "parallel": workers, "seconds": results}, indent=2)
+    )
+    return results
+
+
 def verify(
     defn: Definition,
     booted: bool = True,
@@ -287,43 +305,17 @@ def verify(
     tree = work / "rootfs"
     if not tree.is_dir():
         raise StrataError(f"nothing prepared for '{defn.data['name']}': run `invoke build` first")
-    results: dict[str, dict[str, float]] = {}
     with step("verify"):
-        with step("testinfra on the baked tree (chroot)"):
-            run_suite(
-                ["--connection=chroot", f"--hosts={tree}"],
-                _context(defn, "offline"),
-                work / "verify" / "offline",
-            )
+        offline_suite(defn, tree, work / "verify" / "offline")
         if not booted:
-            return results
-        host.require_tools("qemu-system-x86_64", "qemu-img", "ssh", "ssh-keygen")
-        image = boot_image(defn)
-        kernel, initrd = tree / "vmlinuz", tree / "initrd.img"
-        accel = choose_accel(
-            defn.data["verify"]["accel"],
-            kernel.resolve() if kernel.exists() else None,
-            initrd.resolve() if initrd.exists() else None,
-        )
-        firmwares = [f for f in defn.data["verify"]["firmware"] if not only_firmware or f == only_firmware]
-        boots: dict[str, tuple[str, Path | None]] = {fw: (fw, None) for fw in firmwares}
-        installer = build.output_dir(defn) / f"{defn.data['name']}.iso"
+            return {}
+        installer = None
         if iso and "iso" in defn.data["disk"]["formats"]:
+            installer = build.output_dir(defn) / f"{defn.data['name']}.iso"
             if not installer.exists():
                 raise StrataError(f"{installer} is missing: run `invoke assemble` (or `invoke build`) first")
-            boots |= {f"{fw}-iso": (fw, installer) for fw in firmwares}
-        workers = max(1, min(parallel or defn.data["verify"]["parallel"], len(boots)))
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = {
-                label: pool.submit(boot_and_test, defn, image, fw, accel, work / "verify" / label, medium)
-                for label, (fw, medium) in boots.items()
-            }
-            for label, future in futures.items():
-                results[label] = future.result()
-    (work / "verify" / "boot-times.json").write_text(
-        json.dumps({"accel": accel, "parallel": workers, "seconds": results}, indent=2)
-    )
-    return results
+        accel = accel_for_tree(defn.data["verify"]["accel"], tree)
+        return boot_all(defn, boot_image(defn), accel, work / "verify", only_firmware, installer, parallel)
 
 
 # ---------------------------------------------------------------- an image baked elsewhere (Packer path)
@@ -342,24 +334,10 @@ def verify_image(
     if not image.is_file():
         raise StrataError(f"--image {image}: no such file; give the path of a .qcow2 or .raw disk image")
     work = artifacts_root() / ".work" / image.name.partition(".")[0] / "verify"
-    results: dict[str, dict[str, float]] = {}
     with step(f"verify {image}"):
         with mounted_root(image, work / "mount") as tree:
-            with step("testinfra on the image's root filesystem (chroot)"):
-                run_suite(
-                    ["--connection=chroot", f"--hosts={tree}"], _context(defn, "offline"), work / "offline"
-                )
+            offline_suite(defn, tree, work / "offline")
             if not booted:
-                return results
-            kernel, initrd = tree / "vmlinuz", tree / "initrd.img"
-            accel = choose_accel(
-                defn.data["verify"]["accel"],
-                kernel.resolve() if kernel.exists() else None,
-                initrd.resolve() if initrd.exists() else None,
-            )
-        host.require_tools("qemu-system-x86_64", "qemu-img", "ssh", "ssh-keygen")
-        firmwares = [f for f in defn.data["verify"]["firmware"] if not only_firmware or f == only_firmware]
-        for firmware in firmwares:
-            results[firmware] = boot_and_test(defn, image, firmware, accel, work / firmware)
-    (work / "boot-times.json").write_text(json.dumps({"accel": accel, "seconds": results}, indent=2))
-    return results
+                return {}
+            accel = accel_for_tree(defn.data["verify"]["accel"], tree)
+        return boot_all(defn, image, accel, work, only_firmware)

@@ -150,6 +150,11 @@ def _manifest_files(path: Path) -> list[Path]:
     return [path]
 
 
+def _manifest_file(index: int, path: Path, where: str) -> AppFile:
+    text = path.read_text()
+    return AppFile(f"{index:02d}-{path.stem}.yaml", text, where, tuple(manifest_images(text, where)))
+
+
 def _chart_file(index: int, spec: dict[str, Any], where: str) -> AppFile:
     folder = Path(spec["path"])
     name = spec.get("name") or _chart_meta(folder)["name"]
@@ -174,24 +179,10 @@ def app_files(defn: Definition) -> list[AppFile]:
             spec = yaml.safe_load(sidecar.read_text()) if sidecar.exists() else {}
             files.append(_chart_file(len(files) + 10, {**spec, "path": folder, "name": name}, where))
         else:
-            text = (folder / f"{name}.yaml").read_text()
-            files.append(
-                AppFile(
-                    f"{len(files) + 10:02d}-{name}.yaml", text, where, tuple(manifest_images(text, where))
-                )
-            )
+            files.append(_manifest_file(len(files) + 10, folder / f"{name}.yaml", where))
     for i, item in enumerate(settings["manifests"]):
         for path in _manifest_files(Path(item)):
-            where = f"layers.apps.manifests[{i}]: {path}"
-            text = path.read_text()
-            files.append(
-                AppFile(
-                    f"{len(files) + 10:02d}-{path.stem}.yaml",
-                    text,
-                    where,
-                    tuple(manifest_images(text, where)),
-                )
-            )
+            files.append(_manifest_file(len(files) + 10, path, f"layers.apps.manifests[{i}]: {path}"))
     for i, spec in enumerate(settings["charts"]):
         files.append(_chart_file(len(files) + 10, spec, f"layers.apps.charts[{i}]"))
     return files

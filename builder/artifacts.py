@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -47,8 +47,10 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_sha256sums(folder: Path, names: list[str]) -> None:
-    lines = [f"{sha256_file(folder / n)}  {n}\n" for n in sorted(names)]
+def write_sha256sums(folder: Path, names: list[str], known: Mapping[str, str] | None = None) -> None:
+    """SHA256SUMS for `names` in `folder`; `known` gives digests already computed, by name."""
+    known = known or {}
+    lines = [f"{known.get(n) or sha256_file(folder / n)}  {n}\n" for n in sorted(names)]
     (folder / "SHA256SUMS").write_text("".join(lines))
 
 

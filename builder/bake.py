@@ -29,6 +29,7 @@ from .log import info
 BAKE_DIR = "var/lib/strata/bake"
 IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc")  # left in a layer by running its tests
 PHASES = ("install.d", "finalise.d")
+INSTALLED_PACKAGES = "installed-packages.txt"  # written by the runner: package, version, arch
 
 
 def env_value(value: Any) -> str:
@@ -126,14 +127,16 @@ def make_bundle(
     return bundle
 
 
-def bake_chroot(rootfs: Path, bundle: Path) -> None:
-    """Run the bundle inside `rootfs`, then remove it from the tree."""
+def bake_chroot(rootfs: Path, bundle: Path, packages_txt: Path) -> None:
+    """Run the bundle inside `rootfs`, copy out the runner's list of installed packages to
+    `packages_txt`, then remove the bundle from the tree."""
     inside = rootfs / BAKE_DIR
     shutil.rmtree(inside, ignore_errors=True)
     shutil.copytree(bundle, inside, symlinks=True)
     try:
         with mounted(rootfs):
             chroot_run(rootfs, [f"/{BAKE_DIR}/run"], show=lambda _line: True, what="layer bake")
+        shutil.copyfile(inside / INSTALLED_PACKAGES, packages_txt)
     finally:
         shutil.rmtree(inside, ignore_errors=True)
     info("layers baked")

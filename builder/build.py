@@ -15,7 +15,6 @@ from typing import Any
 
 from . import apps, bake, disk, host, images, inputs, iso, rootfs
 from .artifacts import artifacts_root, atomic_file, sha256_file, staged_output, write_sha256sums
-from .chroot import chroot_run
 from .definition import Definition
 from .errors import StrataError
 from .log import info, step
@@ -102,9 +101,7 @@ def prepare(defn: Definition) -> None:
         with step(f"root filesystem (Debian {defn.data['os']['suite']})"):
             rootfs.create_rootfs(defn.data["os"], tree, bake.layer_packages(defn))
         with step("bake layers: " + ", ".join(layer.name for layer in defn.enabled_layers())):
-            bake.bake_chroot(tree, bundle)
-        packages = chroot_run(tree, ["dpkg-query", "-W", "-f", "${Package}\t${Version}\t${Architecture}\n"])
-        (work / "packages.txt").write_text(packages + "\n")
+            bake.bake_chroot(tree, bundle, work / "packages.txt")
     record_phase(defn, "prepare", time.monotonic() - start)
 
 
@@ -157,10 +154,11 @@ def assemble(defn: Definition) -> Path:
         raw = out / f"{name}.raw"
         with step("raw disk image"):
             disk.assemble_raw(tree, work, raw, ids, defn.data["disk"]["size"], defn.data["disk"]["firmware"])
-        iso_names = []
+        iso_names, known_sha256 = [], {}
         if "iso" in defn.data["disk"]["formats"]:
+            known_sha256[raw.name] = sha256_file(raw)  # the installer checks the disk it writes with it
             with step("installer ISO"):
-                iso.build_iso(defn, tree, raw, out / f"{name}.iso", work / "iso")
+                iso.build_iso(defn, tree, raw, known_sha256[raw.name], out / f"{name}.iso", work / "iso")
             iso_names.append(f"{name}.iso")
         names = disk_formats(defn, raw) + iso_names
         phases = dict(load_state(defn)["phases"])
@@ -170,7 +168,7 @@ def assemble(defn: Definition) -> Path:
             "disk_guid": ids.disk,
             "firmware": defn.data["disk"]["firmware"],
         }
-        write_manifest(defn, out, names, work, phases, disk_info)
+        write_manifest(defn, out, names, work, phases, disk_info, known_sha256)
     record_phase(defn, "assemble", time.monotonic() - start)
     for n in names:
         info(f"{output_dir(defn) / n}: {(output_dir(defn) / n).stat().st_size / 2**20:.0f} MiB")
@@ -199,11 +197,14 @@ def write_manifest(
     work: Path,
     phases: dict[str, Any],
     disk_info: dict[str, Any],
+    known_sha256: dict[str, str] | None = None,
     **extra: Any,
 ) -> None:
     """packages.txt (from `work`), manifest.json and SHA256SUMS in the staging folder `out`, whichever
-    backend baked the disks `names`; `extra` adds top-level manifest keys (the Packer path's base)."""
+    backend baked the disks `names` (each hashed once; `known_sha256` has digests already computed);
+    `extra` adds top-level manifest keys (the Packer path's base)."""
     shutil.copyfile(work / "packages.txt", out / "packages.txt")
+    digests = {n: (known_sha256 or {}).get(n) or sha256_file(out / n) for n in names}
     manifest = {
         "strata": VERSION,
         "name": defn.data["name"],
@@ -219,8 +220,8 @@ def write_manifest(
         "images": json.loads((work / "images.json").read_text()),
         "disk": disk_info,
         "phases": phases,
-        "artifacts": {n: {"size": (out / n).stat().st_size, "sha256": sha256_file(out / n)} for n in names},
+        "artifacts": {n: {"size": (out / n).stat().st_size, "sha256": digests[n]} for n in names},
         **extra,
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    write_sha256sums(out, [*names, "manifest.json", "packages.txt"])
+    write_sha256sums(out, [*names, "manifest.json", "packages.txt"], digests)

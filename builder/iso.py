@@ -21,7 +21,7 @@ from pathlib import Path
 import pycdlib
 
 from . import TEMPLATES_DIR
-from .artifacts import atomic_file, sha256_file
+from .artifacts import atomic_file
 from .bake import render
 from .chroot import chroot_run, mounted
 from .definition import Definition
@@ -39,12 +39,7 @@ MBR_KERNEL_SECTOR = 0x1B0
 # El Torito BIOS GRUB: only what the menu needs. With every module (a 180 KiB image) GRUB comes up
 # corrupted from a CD on SeaBIOS ("out of memory" reading its menu).
 BIOS_MODULES = ["biosdisk", "iso9660", "part_msdos", "normal", "search", "search_fs_file", "linux"]
-BIOS_MODULES += [
-    "echo",
-    "test",
-    "serial",
-    "terminal",
-]  # boot_hybrid.img reads its first sector to load from here (--grub2-mbr)
+BIOS_MODULES += ["echo", "test", "serial", "terminal"]
 
 
 @dataclass(frozen=True)
@@ -124,7 +119,7 @@ def make_squashfs(raw: Path, out: Path) -> None:
         shutil.rmtree(holder, ignore_errors=True)
 
 
-def prepare_files(defn: Definition, tree: Path, raw: Path, work: Path) -> IsoFiles:
+def prepare_files(defn: Definition, tree: Path, raw: Path, raw_sha256: str, work: Path) -> IsoFiles:
     work.mkdir(parents=True, exist_ok=True)
     name = defn.data["name"]
     label = volume_label(name)
@@ -162,7 +157,7 @@ def prepare_files(defn: Definition, tree: Path, raw: Path, work: Path) -> IsoFil
         for key, value in (
             ("NAME", name),
             ("DISK_BYTES", raw.stat().st_size),
-            ("DISK_SHA256", sha256_file(raw)),
+            ("DISK_SHA256", raw_sha256),
             ("ROOT_OFFSET", ROOT_START),
         )
     )
@@ -251,10 +246,10 @@ def _mbr_entry(status: int, kind: int, start: int, sectors: int) -> bytes:
     return struct.pack("<B3sB3sII", status, b"\x00\x02\x00", kind, chs_max, start, min(sectors, 0xFFFFFFFF))
 
 
-def build_iso(defn: Definition, tree: Path, raw: Path, out: Path, work: Path) -> Path:
-    """Write the installer ISO for the assembled `raw` image to `out`."""
+def build_iso(defn: Definition, tree: Path, raw: Path, raw_sha256: str, out: Path, work: Path) -> Path:
+    """Write the installer ISO for the assembled `raw` image (whose sha256 is `raw_sha256`) to `out`."""
     require_tools("mksquashfs", "mkfs.vfat", "mmd", "mcopy")
-    files = prepare_files(defn, tree, raw, work)
+    files = prepare_files(defn, tree, raw, raw_sha256, work)
     with step("ISO (pycdlib, hybrid)"):
         try:
             write_iso(files, volume_label(defn.data["name"]), out)

@@ -28,7 +28,7 @@ from typing import Any
 
 import jinja2
 
-from . import ROOT, build, disk, host
+from . import ROOT, bake, build, disk, host
 from .artifacts import artifacts_root, atomic_file, staged_output
 from .definition import Definition
 from .errors import StrataError
@@ -274,6 +274,7 @@ def render_template(
         ssh_timeout=vcfg["boot_timeout"],
         scripts={name: str(path) for name, path in SCRIPTS.items()},
         packages_txt=str(paths.packages),
+        installed_packages=f"/{bake.BAKE_DIR}/{bake.INSTALLED_PACKAGES}",
     )
 
 
@@ -314,10 +315,15 @@ def validate(template: Path) -> None:
     """`packer validate` on a rendered template (`packer init` first where Packer wants plugins)."""
     host.require_tools("packer")
     env = packer_env(template.parent)
+    init_plugins(template, env)
+    run(["packer", "validate", str(template)], env=env, what=f"packer validate {template}")
+
+
+def init_plugins(template: Path, env: dict[str, str]) -> None:
+    """`packer init` where the installed Packer takes builders as plugins (1.7 and later)."""
     version = packer_version()
     if version is not None and version >= PLUGINS_SINCE:
         run(["packer", "init", str(template)], env=env, what="packer init (needs the internet)")
-    run(["packer", "validate", str(template)], env=env, what=f"packer validate {template}")
 
 
 # ---------------------------------------------------------------- the build
@@ -351,9 +357,7 @@ def build_seed(defn: Definition, paths: Paths) -> Path:
 def run_packer(defn: Definition, template: Path, paths: Paths) -> Path:
     """`packer build`; the raw disk it wrote."""
     env = packer_env(paths.work)
-    version = packer_version()
-    if version is not None and version >= PLUGINS_SINCE:
-        run(["packer", "init", str(template)], env=env, what="packer init (needs the internet)")
+    init_plugins(template, env)
     shutil.rmtree(paths.output, ignore_errors=True)  # Packer refuses an existing output folder
     for stale in (paths.packages, paths.serial, paths.work / "packer.log"):
         stale.unlink(missing_ok=True)

@@ -11,12 +11,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from strata_agent.agent import Agent, Hook
+from strata_agent.api import ApiServer
+from strata_agent.auth import Authenticator, NonceStore
 from strata_agent.config import Config
 from strata_agent.paths import Paths
 from strata_agent.system import CommandResult
 
 MACHINE_ID = "0123abcd" + "0" * 24
+DROPIN = "etc/rancher/k3s/config.yaml.d/50-strata-activation.yaml"  # the agent's K3s drop-in
 KEY_A = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIF7pbyoBN1lY8Hx5J0kPU7B0wbYVh6tjD7ZCq8nkLZ7f alice@example"
 KEY_B = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKm3Ns8yA2kX1mN1n4oQb6c2QH1z0oA3v9yCqj6fW2aB bob@example"
 H100_LSPCI = """\
@@ -302,3 +307,23 @@ def make_machine(tmp_path: Path, *, activation: str | None = ACTIVATION, **syste
 def activate_and_run(agent: Agent, tick: Callable[[], None] | None = None) -> str:
     assert agent.poll_activation()
     return agent.run_pending(tick)
+
+
+def ready_machine(tmp_path: Path, activation: str = ACTIVATION) -> tuple[Machine, Agent]:
+    """A machine whose agent has activated from `activation` and reached `ready`."""
+    machine = make_machine(tmp_path, activation=activation)
+    agent, _ = machine.agent()
+    assert activate_and_run(agent) == "ready"
+    return machine, agent
+
+
+def openssh_public(key: Ed25519PrivateKey, comment: str) -> str:
+    return key.public_key().public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).decode() + " " + comment
+
+
+def start_api(agent: Agent, machine: Machine, admin_keys: list[str]) -> ApiServer:
+    """The agent's real API on a free port of 127.0.0.1, accepting `admin_keys`; stop() it after."""
+    authenticator = Authenticator(admin_keys, 300, NonceStore(machine.paths.nonces_file))
+    server = ApiServer(agent, authenticator, bind="127.0.0.1", port=0, action_delay=0)
+    server.start()
+    return server

@@ -10,17 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from agent_fakes import ACTIVATION, Machine, activate_and_run, make_machine
+from agent_fakes import Machine, make_machine, openssh_public, ready_machine, start_api
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from strata_agent.api import ApiServer
 from strata_agent.auth import Authenticator, NonceStore, sign_request
 
 Reply = tuple[int, dict[str, object]]
-
-
-def openssh_public(key: Ed25519PrivateKey, comment: str) -> str:
-    return key.public_key().public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).decode() + " " + comment
 
 
 ADMIN = Ed25519PrivateKey.generate()
@@ -53,11 +49,9 @@ class Api:
 
 def start_server(machine: Machine, admin_keys: list[str] | None = None) -> ApiServer:
     agent, _ = machine.agent()
-    keys = [openssh_public(ADMIN, "admin@test")] if admin_keys is None else admin_keys
-    authenticator = Authenticator(keys, 300, NonceStore(machine.paths.nonces_file))
-    server = ApiServer(agent, authenticator, bind="127.0.0.1", port=0, action_delay=0)
-    server.start()
-    return server
+    return start_api(
+        agent, machine, [openssh_public(ADMIN, "admin@test")] if admin_keys is None else admin_keys
+    )
 
 
 @pytest.fixture
@@ -65,10 +59,7 @@ def make_api(tmp_path: Path) -> Iterator[Callable[..., Api]]:
     started: list[Api] = []
 
     def make(*, ready: bool = False, admin_keys: list[str] | None = None) -> Api:
-        machine = make_machine(tmp_path, activation=ACTIVATION if ready else None)
-        if ready:
-            agent, _ = machine.agent()
-            assert activate_and_run(agent) == "ready"
+        machine = ready_machine(tmp_path)[0] if ready else make_machine(tmp_path, activation=None)
         api = Api(machine, start_server(machine, admin_keys))
         started.append(api)
         return api

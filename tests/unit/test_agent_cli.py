@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agent_fakes import Machine, activate_and_run, make_machine
+from agent_fakes import Machine, activate_and_run, make_machine, openssh_public, ready_machine, start_api
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
@@ -25,18 +25,8 @@ KEY = Ed25519PrivateKey.generate()
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[Machine, str]]:
-    machine = make_machine(tmp_path)
-    agent, _ = machine.agent()
-    assert activate_and_run(agent) == "ready"
-    public = KEY.public_key().public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).decode()
-    server = ApiServer(
-        agent,
-        Authenticator([public], 300, NonceStore(machine.paths.nonces_file)),
-        bind="127.0.0.1",
-        port=0,
-        action_delay=0,
-    )
-    server.start()
+    machine, agent = ready_machine(tmp_path)
+    server = start_api(agent, machine, [openssh_public(KEY, "cli@test")])
     yield machine, f"http://127.0.0.1:{server.port}"
     server.stop()
 

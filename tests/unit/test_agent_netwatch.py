@@ -5,22 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from agent_fakes import Machine, activate_and_run, make_machine
-from strata_agent.agent import Agent
+from agent_fakes import DROPIN, activate_and_run, make_machine, ready_machine
 from strata_agent.netwatch import IpWatcher, check_ip_change
-
-DROPIN = "etc/rancher/k3s/config.yaml.d/50-strata-activation.yaml"
-
-
-def _ready(tmp_path: Path, activation: str | None = None) -> tuple[Machine, Agent]:
-    machine = make_machine(tmp_path, **({"activation": activation} if activation else {}))
-    agent, _ = machine.agent()
-    assert activate_and_run(agent) == "ready"
-    return machine, agent
 
 
 def test_ip_change_updates_dropin_hosts_restarts_k3s_and_records_event(tmp_path: Path) -> None:
-    machine, agent = _ready(tmp_path)
+    machine, agent = ready_machine(tmp_path)
     token = yaml.safe_load((machine.root / DROPIN).read_text())["token"]
     assert check_ip_change(agent, lambda: "10.0.0.77")
 
@@ -42,7 +32,7 @@ def test_ip_change_updates_dropin_hosts_restarts_k3s_and_records_event(tmp_path:
 
 
 def test_no_change_does_nothing(tmp_path: Path) -> None:
-    machine, agent = _ready(tmp_path)
+    machine, agent = ready_machine(tmp_path)
     dropin_before = (machine.root / DROPIN).stat().st_ino
     hosts_before = (machine.root / "etc/hosts").stat().st_ino
     assert not check_ip_change(agent, lambda: "10.0.0.5")
@@ -53,14 +43,14 @@ def test_no_change_does_nothing(tmp_path: Path) -> None:
 
 
 def test_agent_role_restarts_k3s_agent(tmp_path: Path) -> None:
-    machine, agent = _ready(tmp_path, "join: {server: 'https://10.0.0.1:6443', token: 'K10t'}\n")
+    machine, agent = ready_machine(tmp_path, "join: {server: 'https://10.0.0.1:6443', token: 'K10t'}\n")
     assert check_ip_change(agent, lambda: "10.0.0.8")
     assert machine.system.restarts == ["k3s-agent.service"]
     assert yaml.safe_load((machine.root / DROPIN).read_text())["server"] == "https://10.0.0.1:6443"
 
 
 def test_pinned_node_ip_is_left_alone(tmp_path: Path) -> None:
-    machine, agent = _ready(tmp_path, "hostname: box1\nnode_ip: 192.168.7.7\n")
+    machine, agent = ready_machine(tmp_path, "hostname: box1\nnode_ip: 192.168.7.7\n")
     asked: list[bool] = []
     assert not check_ip_change(agent, lambda: asked.append(True) or "10.0.0.99")  # type: ignore[func-returns-value]
     assert asked == [] and machine.system.restarts == []
@@ -81,7 +71,7 @@ def test_change_before_k3s_starts_is_recorded_and_used_by_k3s_config(tmp_path: P
 
 
 def test_watcher_checks_at_most_every_interval_with_the_detected_ip(tmp_path: Path) -> None:
-    machine, agent = _ready(tmp_path)
+    machine, agent = ready_machine(tmp_path)
     machine.system.route_ip = "10.0.0.42"
     watcher = IpWatcher(agent)  # the node-ip step's detection (ip route get)
     watcher.maybe_check()

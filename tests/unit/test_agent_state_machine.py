@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from agent_fakes import KEY_A, KEY_B, MACHINE_ID, Machine, activate_and_run, make_machine
+from agent_fakes import DROPIN, KEY_A, KEY_B, MACHINE_ID, Machine, activate_and_run, make_machine
 from strata_agent.agent import Conflict, UnknownStep
 from strata_agent.config import Config
 from strata_agent.state import ALL_STEPS, PHASES
 
 NODE_NAME = f"box1-{MACHINE_ID[:8]}"
-DROPIN = "etc/rancher/k3s/config.yaml.d/50-strata-activation.yaml"
 
 
 def test_full_run_reaches_ready_with_exact_transitions(tmp_path: Path) -> None:

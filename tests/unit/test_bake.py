@@ -473,12 +473,14 @@ def test_bundle_lists_the_layers_packages(default_bundle: tuple[Definition, Path
 
 
 def _fake_apt(tmp_path: Path, installed: list[str]) -> dict[str, str]:
-    """dpkg-query that knows `installed`, and an apt-get that logs its arguments to the bake log."""
+    """dpkg-query that knows `installed` (and lists one package), and an apt-get that logs its arguments
+    to the bake log."""
     bin_dir = tmp_path / "fakebin"
     known = " ".join(installed)
     _script(
         bin_dir / "dpkg-query",
-        f'#!/bin/sh\nfor p in {known}; do [ "$4" = "$p" ] && {{ printf installed; exit 0; }}; done\nexit 1\n',
+        '#!/bin/sh\n[ "$#" -eq 3 ] && { printf "here\\t1\\tall\\n"; exit 0; }  # the runner\'s final list\n'
+        f'for p in {known}; do [ "$4" = "$p" ] && {{ printf installed; exit 0; }}; done\nexit 1\n',
     )
     _script(bin_dir / "apt-get", '#!/bin/sh\necho "apt-get $*" >> "$STRATA_BAKE/log"\n')
     return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
@@ -518,3 +520,4 @@ def test_runner_with_every_package_installed_calls_no_apt(tmp_path: Path, fake_l
     assert out.returncode == 0, out.stdout + out.stderr
     assert not any(line.startswith("apt-get") for line in (bundle / "log").read_text().splitlines())
     assert "installing" not in out.stdout
+    assert (bundle / "installed-packages.txt").read_text() == "here\t1\tall\n"

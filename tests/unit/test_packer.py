@@ -112,7 +112,7 @@ def test_render_uses_the_bundle_runner_seed_and_build_key(tmp_path: Path) -> Non
     assert hcl_value(text, "destination") == f'"{paths.packages}"'
 
 
-def test_render_before_the_base_is_built(capsys: pytest.CaptureFixture[str]) -> None:
+def test_render_before_the_base_is_built() -> None:
     defn = load()
     text = packer.render(defn).read_text()
     assert '"none"' in text  # no checksum yet: `packer.build` builds the base first
@@ -206,7 +206,7 @@ def test_uefi_only_definition_boots_the_build_vm_on_ovmf(tmp_path: Path) -> None
 
 
 @needs_packer
-def test_packer_validate_names_the_template_on_failure(tmp_path: Path) -> None:
+def test_packer_validate_names_the_template_on_failure() -> None:
     defn = load()
     template = packer.render(defn)
     packer.Paths(packer.work_dir(defn)).key.unlink()  # Packer checks the key file exists
@@ -229,7 +229,7 @@ def test_base_definition_keeps_only_the_os_layer() -> None:
     assert len(defn.enabled_layers()) > 1
 
 
-def test_base_is_current_only_for_this_definition(tmp_path: Path) -> None:
+def test_base_is_current_only_for_this_definition() -> None:
     defn = load()
     assert not packer.base_is_current(defn)
     fake_strata_base(defn)

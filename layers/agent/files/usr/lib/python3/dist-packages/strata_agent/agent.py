@@ -6,7 +6,6 @@ import copy
 import logging
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from . import __version__, netinfo
@@ -64,7 +63,6 @@ class Agent:
         *,
         clock: Clock | None = None,
         hook: Hook = _no_hook,
-        label_dir: Path | None = None,
     ) -> None:
         self.paths = paths
         self.config = config
@@ -77,7 +75,7 @@ class Agent:
         self.state: AgentState = self.store.load()
         saved = read_json(paths.activation_file)
         self.activation: Activation | None = None if saved is None else Activation.from_json(saved)
-        self.sources = ActivationSources(paths, runner, config.defaults, label_dir=label_dir)
+        self.sources = ActivationSources(paths, runner, config.defaults)
         self.activation_error: str | None = None
 
     # -- state bookkeeping (callers hold the lock)

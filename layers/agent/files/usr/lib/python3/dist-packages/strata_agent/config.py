@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .fsutil import read_json
 from .validate import ValidationError, check_domain, check_hostname, check_user
 
 
@@ -144,13 +145,8 @@ def parse_config(data: object) -> Config:
 def load_config(path: Path) -> Config:
     """The config at `path`; a missing file means all defaults."""
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return Config()
+        return parse_config(read_json(path))
     except OSError as err:
         raise ConfigError(f"{path}: {err.strerror}") from None
-    try:
-        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: not valid JSON: {err}") from None
-    return parse_config(data)

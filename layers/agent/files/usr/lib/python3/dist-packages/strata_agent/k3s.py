@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .fsutil import atomic_write
+from .fsutil import write_json
 from .state import AGENT
 
 GPU_LABEL = "strata.io/gpu=true"
@@ -47,7 +46,7 @@ def dropin_config(
 
 def write_dropin(path: Path, config: dict[str, Any]) -> None:
     """JSON is YAML; mode 0600 as it holds the cluster token."""
-    atomic_write(path, json.dumps(config, indent=2) + "\n", 0o600)
+    write_json(path, config, mode=0o600)
 
 
 def read_dropin(path: Path) -> dict[str, Any] | None:

@@ -47,12 +47,6 @@ class StepLog:
         return list(self.lines)[-count:]
 
 
-def _describe_failure(args: Sequence[str], result: CommandResult) -> str:
-    output = (result.stderr.strip() or result.stdout.strip()).splitlines()
-    detail = output[-1] if output else "no output"
-    return f"{shlex.join(args)} exited {result.returncode}: {detail}"
-
-
 @dataclass
 class StepContext:
     paths: Paths
@@ -69,10 +63,12 @@ class StepContext:
         result = self.runner.run(args, input_text=input_text)
         self.log.add(f"$ {shlex.join(args)} -> exit {result.returncode}", logging.DEBUG)
         if not result.ok:
-            for line in (result.stderr.strip() or result.stdout.strip()).splitlines()[-10:]:
+            output = (result.stderr.strip() or result.stdout.strip()).splitlines()
+            for line in output[-10:]:
                 self.log.add(f"  {line}", logging.DEBUG)
             if check:
-                raise StepError(_describe_failure(args, result))
+                detail = output[-1] if output else "no output"
+                raise StepError(f"{shlex.join(args)} exited {result.returncode}: {detail}")
         return result
 
     def fact(self, key: str) -> Any:
